@@ -1,0 +1,37 @@
+"""Exception types. Every user-facing failure is one of these, so the CLI can print one line.
+
+The message of each error names the thing that was wrong (file, key, URI, field) and, where
+possible, what would be right. Messages never contain credentials.
+"""
+
+
+class RaytimmError(Exception):
+    """Base class: the CLI prints ``error: <message>`` and exits non-zero, without a traceback."""
+
+
+class ConfigError(RaytimmError):
+    """A config file, key, value or platform request is invalid."""
+
+
+class DataError(RaytimmError):
+    """A dataset is missing, empty or laid out wrongly."""
+
+
+class ImageError(DataError):
+    """Bytes or a file could not be decoded as an image (not an image, truncated, corrupt)."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image exceeds the pixel or byte limit (decompression-bomb guard)."""
+
+
+class StorageError(RaytimmError):
+    """A storage URI is malformed, unreachable, forbidden or missing. Never includes secrets."""
+
+
+class CheckpointError(RaytimmError):
+    """A checkpoint is malformed or cannot be loaded."""
+
+
+class CheckpointNotFound(CheckpointError):
+    """No checkpoint exists at the given URI."""
