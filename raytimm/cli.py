@@ -1,0 +1,266 @@
+"""raytimm command line: each subcommand loads its inputs and calls one function. No logic here.
+
+Heavy imports (torch, ray, mlflow) happen inside the subcommands so ``--help`` and config
+errors answer instantly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from raytimm import __version__
+from raytimm.errors import RaytimmError
+
+EPILOG_OVERRIDES = """\
+overrides:
+  Any config key can be set on the command line as dotted key=value pairs, e.g.
+    train.epochs=3 scaling.num_workers=2 model.name=resnet50 data.path=r2://bucket/ds
+  Values are parsed as YAML (3 -> int, [0.5,1.0] -> list, null -> None).
+  `raytimm config-keys` lists every key with its default and meaning.
+"""
+
+
+def _write_json(path: str | None, payload: dict) -> None:
+    if not path:
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, p)
+
+
+# ------------------------------------------------------------------ subcommands
+
+def cmd_demo_data(a: argparse.Namespace) -> int:
+    from raytimm.data.demo import make_demo_dataset, make_demo_dice
+
+    if a.format == "dice":
+        root = make_demo_dice(a.output, classes=a.classes, per_class=a.per_class, size=a.size, seed=a.seed)
+    else:
+        root = make_demo_dataset(a.output, classes=a.classes, per_class=a.per_class, size=a.size, seed=a.seed)
+    print(f"wrote demo dataset ({a.format}, {a.classes} classes x {a.per_class} images, {a.size}px) to {root}")
+    return 0
+
+
+def cmd_convert_dice(a: argparse.Namespace) -> int:
+    from raytimm.data.dice import convert_dice
+
+    summary = convert_dice(a.input, a.output, split_ratio=a.split_ratio, strategy=a.strategy,
+                           split_file=a.split_file, seed=a.seed, link=a.link)
+    print(summary.format())
+    return 0
+
+
+def cmd_dataset_report(a: argparse.Namespace) -> int:
+    from raytimm.data.folder import format_report, scan_imagefolder
+
+    scan = scan_imagefolder(a.data, split_ratio=a.split_ratio, seed=a.seed)
+    print(format_report(scan))
+    return 0
+
+
+def _load_cfg(a: argparse.Namespace):
+    from raytimm.config import load_config, load_training_request
+
+    if a.request:
+        return load_training_request(a.request, a.overrides, base_config=a.config)
+    if not a.config:
+        raise RaytimmError("give --config FILE (see configs/) or --request REQUEST.json")
+    return load_config(a.config, a.overrides)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    cfg = _load_cfg(a)
+    from raytimm.ray_train import train
+
+    result = train(cfg)
+    _write_json(a.result_json, result.to_dict())
+    print(f"best checkpoint: {result.best_checkpoint}")
+    return 0
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    from raytimm.config import load_config
+
+    cfg = load_config(a.config, a.overrides)
+    from raytimm.ray_tune import tune
+
+    result = tune(cfg)
+    _write_json(a.result_json, result.to_dict())
+    print(f"best checkpoint: {result.best_checkpoint}")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from raytimm.predict import evaluate_checkpoint
+
+    out = evaluate_checkpoint(a.checkpoint, a.data, split=a.split, batch_size=a.batch_size,
+                              predictions_csv=a.predictions, model_name=a.model_name,
+                              num_classes=a.num_classes)
+    if a.predictions:
+        from raytimm.plots import confusion_matrix_png
+
+        png = str(Path(a.predictions).with_suffix("")) + "_confusion.png"
+        confusion_matrix_png(out["confusion_matrix"], out["class_names"], png)
+        print(f"predictions: {a.predictions}\nconfusion matrix: {png}")
+    print(f"top1 {out['top1']:.2f}  top5 {out['top5']:.2f}  loss {out['loss']:.4f}  images {out['num_samples']}")
+    for name, acc in out["per_class"].items():
+        print(f"  {name:<24} {acc:6.2f}")
+    _write_json(a.result_json, {k: out[k] for k in ("top1", "top5", "loss", "num_samples", "per_class")})
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from raytimm.serve import run_server
+
+    run_server(checkpoint=a.checkpoint, host=a.host, port=a.port, replicas=a.replicas,
+               max_batch_size=a.max_batch_size, batch_wait_ms=a.batch_wait_ms, allow=a.allow,
+               max_upload_mb=a.max_upload_mb, max_models=a.max_models, num_cpus=a.num_cpus,
+               num_gpus=a.num_gpus, model_name=a.model_name, num_classes=a.num_classes)
+    return 0
+
+
+def cmd_config_keys(a: argparse.Namespace) -> int:
+    from raytimm.config import Config, field_docs, flatten_config
+
+    defaults = flatten_config(Config())
+    for key, doc in field_docs().items():
+        print(f"{key:<32} {json.dumps(defaults[key], ensure_ascii=False):<14} {doc}")
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="raytimm", formatter_class=fmt,
+        description="Train, tune and serve timm image classifiers on Ray.",
+        epilog=textwrap.dedent("""\
+            quickstart:
+              raytimm demo-data --output data/demo
+              raytimm train --config configs/quickstart.yaml --result-json runs/result.json
+              raytimm serve --checkpoint runs/quickstart
+            on a cluster:
+              ray job submit --working-dir . -- raytimm train --config configs/train/resnet50.yaml data.path=r2://bucket/ds
+            """))
+    p.add_argument("--version", action="version", version=f"raytimm {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="show debug logs, including Ray's")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("demo-data", help="write a small synthetic dataset (coloured shapes)", formatter_class=fmt,
+                       description="Write a deterministic synthetic dataset that a tiny model learns in seconds.")
+    s.add_argument("--output", required=True, help="folder to create")
+    s.add_argument("--classes", type=int, default=4, help="number of classes (default 4, max 10)")
+    s.add_argument("--per-class", type=int, default=40, help="images per class (default 40)")
+    s.add_argument("--size", type=int, default=48, help="image side in pixels (default 48)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--format", choices=["imagefolder", "dice"], default="imagefolder",
+                   help="ImageFolder tree (default) or a DICE export")
+    s.set_defaults(func=cmd_demo_data)
+
+    s = sub.add_parser("convert", help="convert a dataset export into an ImageFolder tree")
+    csub = s.add_subparsers(dest="kind", metavar="KIND", required=True)
+    c = csub.add_parser("dice", help="DICE (labelme-style) export -> ImageFolder", formatter_class=fmt,
+                        description=textwrap.dedent("""\
+                            Convert a DICE export (images/ + annotations/*.json with imagePath and
+                            shapes[].label) into train/ and val/ class folders, classes.txt and split.json.
+                            Bad entries are skipped with one warning each; hostile labels and paths are refused."""))
+    c.add_argument("--input", required=True, help="DICE export folder (has images/ and annotations/)")
+    c.add_argument("--output", required=True, help="ImageFolder to write (replaced only if it is an earlier conversion)")
+    c.add_argument("--split-ratio", type=float, default=0.8, help="train fraction, in (0, 1) (default 0.8)")
+    c.add_argument("--strategy", choices=["stratified", "random", "sequential", "file"], default="stratified",
+                   help="how to split train/val (default stratified)")
+    c.add_argument("--split-file", help="with --strategy file: text file listing the training images")
+    c.add_argument("--seed", type=int, default=42, help="split seed (default 42)")
+    c.add_argument("--link", action="store_true", help="hard-link images instead of copying (large datasets)")
+    c.set_defaults(func=cmd_convert_dice)
+
+    s = sub.add_parser("dataset-report", help="scan an ImageFolder and print class counts and bad files")
+    s.add_argument("--data", required=True, help="ImageFolder root (train/ and optional val/)")
+    s.add_argument("--split-ratio", type=float, default=0.8, help="train fraction when there is no val/ (default 0.8)")
+    s.add_argument("--seed", type=int, default=42, help="split seed when there is no val/ (default 42)")
+    s.set_defaults(func=cmd_dataset_report)
+
+    for name, func, helptext in (
+        ("train", cmd_train, "train with Ray Train (DDP over N workers; GPUs when present)"),
+        ("tune", cmd_tune, "sweep hyperparameters with Ray Tune (ASHA early stopping)"),
+    ):
+        s = sub.add_parser(name, help=helptext, formatter_class=fmt, epilog=EPILOG_OVERRIDES,
+                           description=helptext[0].upper() + helptext[1:] + ".")
+        s.add_argument("--config", help="YAML config (see configs/)")
+        if name == "train":
+            s.add_argument("--request", help="the platform's TrainingRequest JSON instead of (or on top of) --config")
+        s.add_argument("--result-json", help="write a machine-readable summary here")
+        s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+        s.set_defaults(func=func, request=None)
+
+    s = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset split", formatter_class=fmt,
+                       description="Evaluate a checkpoint (folder, run/tune folder, or legacy .pt; local, s3:// or r2://).")
+    s.add_argument("--checkpoint", required=True, help="checkpoint URI (a run folder means its best checkpoint)")
+    s.add_argument("--data", required=True, help="ImageFolder root, local or s3:// / r2://")
+    s.add_argument("--split", default="val", choices=["train", "val"], help="split to evaluate (default val)")
+    s.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    s.add_argument("--predictions", help="write one CSV row per image (and a confusion-matrix PNG beside it)")
+    s.add_argument("--result-json", help="write top1, top5, loss, num_samples, per_class here")
+    s.add_argument("--model-name", help="timm model name (legacy .pt checkpoints only)")
+    s.add_argument("--num-classes", type=int, help="number of classes (legacy .pt checkpoints only)")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("serve", help="serve top-k predictions over HTTP with Ray Serve", formatter_class=fmt,
+                       description=textwrap.dedent("""\
+                           Start Ray Serve with the checkpoint and block until Ctrl-C. Prints the URL when
+                           /healthz answers. Endpoints: POST /predict, POST /inference/quick, GET /healthz,
+                           GET /model. Set RAYTIMM_API_TOKEN to require `Authorization: Bearer <token>`."""))
+    s.add_argument("--checkpoint", required=True, help="checkpoint URI (folder, run/tune folder, legacy .pt)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    s.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
+    s.add_argument("--max-batch-size", type=int, default=16, help="largest batch per model call (default 16)")
+    s.add_argument("--batch-wait-ms", type=float, default=10.0, help="wait to fill a batch (default 10 ms)")
+    s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20 MiB)")
+    s.add_argument("--max-models", type=int, default=4, help="checkpoints cached per replica for /inference/quick")
+    s.add_argument("--allow", action="append", default=[], metavar="PREFIX",
+                   help="storage prefix /inference/quick may load from (repeatable; default: the checkpoint's root)")
+    s.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
+    s.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica, fractions allowed (default 0)")
+    s.add_argument("--model-name", help="timm model name (legacy .pt checkpoints only)")
+    s.add_argument("--num-classes", type=int, help="number of classes (legacy .pt checkpoints only)")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("config-keys", help="list every config key with its default and meaning")
+    s.set_defaults(func=cmd_config_keys)
+    return p
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    if not verbose:
+        from raytimm.logs import quiet_third_party
+
+        quiet_third_party()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    _setup_logging(a.verbose)
+    try:
+        return int(a.func(a) or 0)
+    except RaytimmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

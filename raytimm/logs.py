@@ -1,0 +1,102 @@
+"""Quiet logs: keep what a user can act on, drop third-party noise they cannot.
+
+Ray, MLflow and friends log plenty at INFO that says nothing about the user's run. We raise
+their levels and drop a few known-harmless lines by pattern (see PITFALLS.md "Log noise").
+``raytimm -v`` keeps everything.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+
+# Known-harmless lines a user cannot act on. Each pattern is matched against the message.
+NOISE_PATTERNS = [
+    # Train V2 logs this at error level on every run; the watcher works regardless.
+    re.compile(r"PreemptionWatcher.*constructor arguments in the object store"),
+    re.compile(r"has constructor arguments in the object store"),
+    re.compile(r"Tip: to disable this warning"),
+    re.compile(r"The `RunConfig` was not"),
+    re.compile(r"Ray Train V2 migration"),
+    re.compile(r"metrics exporter agent", re.I),
+    re.compile(r"Ray Tune is making it easier to use Ray Train V2"),
+]
+
+NOISY_LOGGERS = {
+    "ray": logging.WARNING,
+    "ray.train": logging.WARNING,
+    "ray.tune": logging.WARNING,
+    "ray.serve": logging.WARNING,
+    "ray.data": logging.WARNING,
+    "mlflow": logging.WARNING,
+    "alembic": logging.WARNING,
+    "botocore": logging.WARNING,
+    "boto3": logging.WARNING,
+    "urllib3": logging.WARNING,
+    "filelock": logging.WARNING,
+    "timm": logging.WARNING,
+    "PIL": logging.WARNING,
+    "matplotlib": logging.WARNING,
+}
+
+# Set before `import ray` so the workers Ray starts inherit them.
+QUIET_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    "RAY_AIR_NEW_OUTPUT": "1",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "3600",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "GIT_PYTHON_REFRESH": "quiet",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+class NoiseFilter(logging.Filter):
+    """Drops records whose message matches a known-noise pattern."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # a broken record is not ours to crash on
+            return True
+        return not any(p.search(msg) for p in NOISE_PATTERNS)
+
+
+def is_noise(line: str) -> bool:
+    """True for a line that is known Ray noise (used when relaying worker output)."""
+    return any(p.search(line) for p in NOISE_PATTERNS)
+
+
+def quiet_env() -> None:
+    """Set the quiet env defaults (users' explicit settings win)."""
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def quiet_third_party() -> None:
+    """Raise noisy loggers to WARNING and attach the noise filter everywhere."""
+    quiet_env()
+    flt = NoiseFilter()
+    for name, level in NOISY_LOGGERS.items():
+        lg = logging.getLogger(name)
+        lg.setLevel(level)
+        lg.addFilter(flt)
+    for h in logging.getLogger().handlers:
+        h.addFilter(flt)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(ray|timm|mlflow)\b.*")
+    warnings.filterwarnings("ignore", message=r".*pkg_resources is deprecated.*")
+
+
+def worker_logging_setup() -> None:
+    """Inside Ray workers: the same quiet levels (they do not run the CLI's setup)."""
+    quiet_third_party()
+    raytimm_logger = logging.getLogger("raytimm")
+    if not raytimm_logger.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(message)s"))
+        raytimm_logger.addHandler(h)
+        raytimm_logger.setLevel(logging.INFO)
+        raytimm_logger.propagate = False

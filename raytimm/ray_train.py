@@ -1,0 +1,381 @@
+"""The thin Ray Train layer: a TorchTrainer whose workers run ``engine.fit``.
+
+Everything a worker does beyond plain PyTorch is here: staging remote data, resuming from
+Ray's latest checkpoint, and handing ``prepare_model``/``prepare_data_loader`` and a
+``report`` callback to the engine. MLflow logging and the ``best``/``latest`` pointers run
+in a Train callback on the controller, which Ray pins to the driver's node, so a local
+tracking store and the driver's storage credentials are reachable from there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+from typing import Any, Optional
+
+from raytimm.logs import quiet_env
+
+quiet_env()  # before `import ray`, so workers inherit the quiet defaults
+
+import ray  # noqa: E402
+import ray.train  # noqa: E402
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
+from ray.train.torch import TorchTrainer  # noqa: E402
+
+from raytimm import storage  # noqa: E402
+from raytimm.config import Config, config_from_dict, config_to_dict, dump_yaml, flatten_config  # noqa: E402
+from raytimm.errors import RaytimmError  # noqa: E402
+
+log = logging.getLogger("raytimm.train")
+
+# Env vars workers need when they were not started by this process (PITFALLS: "Env of workers").
+# Only non-secret values: credentials come from each node's own environment or provider chain.
+FORWARDED_ENV = (
+    "RAYTIMM_WEIGHTS_DIR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "R2_ACCOUNT_ID",
+    "R2_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "RAYTIMM_TEST_CRASH_AT_EPOCH", "RAYTIMM_TEST_CRASH_MARKER",
+    "TQDM_DISABLE",
+)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `raytimm train --result-json` writes."""
+
+    run_dir: str
+    best_checkpoint: Optional[str]
+    best_metrics: dict
+    latest_checkpoint: Optional[str]
+    mlflow_run_id: Optional[str]
+    epochs: int = 0
+    status: str = "finished"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------ Ray session
+
+def init_ray(*, num_cpus: Optional[int] = None, include_dashboard: Optional[bool] = None) -> None:
+    """Join the cluster in RAY_ADDRESS (as under `ray job submit`) or start a quiet local Ray."""
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, **kwargs)
+
+
+def worker_env() -> dict[str, str]:
+    """The non-secret environment forwarded to Train workers."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
+# ------------------------------------------------------------------ worker side
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Train worker: stage data, resume, then ``engine.fit`` with Ray hooks."""
+    from raytimm import engine
+    from raytimm.logs import worker_logging_setup
+
+    worker_logging_setup()
+    cfg = config_from_dict(config["cfg"])
+    if storage.is_remote(cfg.data.path):
+        # One download per node: the stage cache is keyed by URI and guarded by a file lock.
+        cfg.data.path = storage.stage(cfg.data.path, os.path.join(os.path.expanduser(cfg.data.cache_dir), "datasets"),
+                                      endpoint_url=cfg.storage.endpoint_url)
+    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
+
+    def report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
+        ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{int(metrics['epoch']):06d}")
+
+    with tempfile.TemporaryDirectory(prefix="raytimm-resume-") as tmp:
+        resume_dir = None
+        latest = ray.train.get_checkpoint()
+        if latest is not None:
+            resume_dir = latest.to_directory(os.path.join(tmp, "ckpt"))
+        engine.fit(
+            cfg,
+            prepare_model=ray.train.torch.prepare_model,
+            prepare_loader=ray.train.torch.prepare_data_loader,
+            report=report,
+            resume_state_dir=resume_dir,
+            device=ray.train.torch.get_device(),
+            num_threads=cfg.train.threads or cpus,
+        )
+
+
+# ------------------------------------------------------------------ controller side
+
+class TrackingCallback(ray.train.UserCallback):
+    """Logs rank 0's metrics to MLflow and moves the `latest`/`best` pointers.
+
+    Runs in the Train controller, after Ray has persisted the reported checkpoint, so a
+    pointer only ever names a complete checkpoint. MLflow calls go through a background
+    thread so a slow tracking server cannot hold up the controller.
+    """
+
+    def __init__(self, *, run_dir: str, scheme: str, metric: str, mode: str, mlflow_kwargs: Optional[dict]):
+        self.run_dir = run_dir
+        self.scheme = scheme
+        self.metric = metric
+        self.mode = mode
+        self.mlflow_kwargs = mlflow_kwargs
+        self.best_value: Optional[float] = None
+        self._q: Optional[queue.Queue] = None
+
+    def __getstate__(self) -> dict:
+        s = dict(self.__dict__)
+        s["_q"] = None
+        return s
+
+    def _queue(self) -> queue.Queue:
+        if self._q is None:
+            self._q = queue.Queue()
+            threading.Thread(target=self._drain, args=(self._q,), daemon=True, name="raytimm-mlflow").start()
+        return self._q
+
+    def _drain(self, q: queue.Queue) -> None:
+        from raytimm.tracking import make_logger
+
+        logger = make_logger(**self.mlflow_kwargs) if self.mlflow_kwargs else None
+        while True:
+            metrics, step = q.get()
+            if logger is not None:
+                logger.log_metrics(metrics, step=step)
+
+    def _better(self, value: float) -> bool:
+        if self.best_value is None:
+            return True
+        return value > self.best_value if self.mode == "max" else value < self.best_value
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        from raytimm.checkpoint import load_meta, write_best_pointer, write_latest_pointer
+
+        m = {k: float(v) for k, v in (metrics[0] if metrics else {}).items() if isinstance(v, (int, float))}
+        if "epoch" in m:
+            self._queue().put((m, int(m["epoch"])))
+        if checkpoint is None:
+            return
+        uri = checkpoint_uri(checkpoint.path, self.scheme)
+        write_latest_pointer(self.run_dir, uri, m)
+        value = m.get(self.metric)
+        if self.best_value is None:
+            # After a restart the controller is new; recover the best so far from the pointer.
+            self.best_value = _pointer_metric(self.run_dir, self.metric)
+        if value is not None and self._better(value):
+            self.best_value = value
+            write_best_pointer(self.run_dir, uri, m)
+
+
+def _pointer_metric(run_dir: str, metric: str, name: str = "best") -> Optional[float]:
+    from raytimm.checkpoint import read_pointer
+
+    try:
+        p = read_pointer(run_dir, name)
+    except Exception:
+        return None
+    if not p:
+        return None
+    return (p.get("metrics") or {}).get(metric)
+
+
+def checkpoint_uri(path: str, scheme: str) -> str:
+    """Ray gives bucket paths without a scheme (`bucket/prefix/...`); put ours back."""
+    if scheme in ("s3", "r2") and "://" not in path:
+        return f"{scheme}://{path}"
+    return path
+
+
+# ------------------------------------------------------------------ driver side
+
+def default_run_name(cfg: Config) -> str:
+    return f"{cfg.model.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def preflight(cfg: Config) -> None:
+    """Fail before any worker starts: storage reachable and writable, data present and sane."""
+    if storage.is_remote(cfg.storage.path):
+        storage.preflight(cfg.storage.path, want="write", endpoint_url=cfg.storage.endpoint_url)
+    if not cfg.data.path:
+        raise RaytimmError("data.path is empty: point it at an ImageFolder or DICE export (local, s3:// or r2://)")
+    if storage.is_remote(cfg.data.path):
+        storage.preflight(cfg.data.path, want="dataset", endpoint_url=cfg.storage.endpoint_url)
+        return
+    local = cfg.data.path
+    if not os.path.isdir(local):
+        raise RaytimmError(f"data.path {local!r} is not a folder")
+    if cfg.data.format == "dice":
+        from raytimm.data.dice import ensure_dice_converted
+
+        local = ensure_dice_converted(local, os.path.join(os.path.expanduser(cfg.data.cache_dir), "dice"))
+    from raytimm.data.folder import scan_imagefolder
+
+    scan = scan_imagefolder(local, split_ratio=cfg.data.split_ratio, seed=cfg.data.split_seed,
+                            verify=cfg.data.verify_images)
+    if cfg.model.num_classes is not None and cfg.model.num_classes != len(scan.class_names):
+        raise RaytimmError(f"model.num_classes={cfg.model.num_classes} but {local!r} has "
+                           f"{len(scan.class_names)} classes: {', '.join(scan.class_names[:10])}")
+    if scan.bad_files:
+        log.warning("%d unreadable image(s) in %s will be skipped, e.g. %s", len(scan.bad_files), local,
+                    scan.bad_files[0][0])
+
+
+def _scaling(cfg: Config) -> ScalingConfig:
+    use_gpu = cfg.scaling.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    resources = dict(cfg.scaling.resources_per_worker)
+    resources["CPU"] = cfg.scaling.cpus_per_worker or 1
+    if use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    return ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                         placement_strategy=cfg.scaling.placement_strategy)
+
+
+def _completed(run_dir: str, epochs: int) -> Optional[dict]:
+    """The `latest` pointer of a run that already reached `epochs`, else None."""
+    from raytimm.checkpoint import read_pointer
+
+    try:
+        latest = read_pointer(run_dir, "latest")
+    except Exception:
+        return None
+    if latest and int((latest.get("metrics") or {}).get("epoch", 0)) >= epochs:
+        return latest
+    return None
+
+
+def build_trainer(cfg: Config, *, run_name: str, callbacks: list) -> TorchTrainer:
+    """TorchTrainer for cfg: scaling, storage (local or bucket), checkpoint ranking, failures."""
+    fs, fs_path = storage.get_filesystem(cfg.storage.path, endpoint_url=cfg.storage.endpoint_url,
+                                         region=cfg.storage.region)
+    run_config = RunConfig(
+        name=run_name,
+        storage_path=fs_path,
+        storage_filesystem=fs,
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep,
+                                           checkpoint_score_attribute=cfg.checkpoint.metric,
+                                           checkpoint_score_order=cfg.checkpoint.mode),
+        failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        callbacks=callbacks,
+        worker_runtime_env={"env_vars": worker_env()},
+    )
+    return TorchTrainer(train_loop_per_worker, train_loop_config={"cfg": config_to_dict(cfg)},
+                        scaling_config=_scaling(cfg), run_config=run_config)
+
+
+def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None) -> TrainResult:
+    """Run one training job end to end and publish its `best` pointer."""
+    from raytimm.checkpoint import read_pointer, write_best_pointer
+    from raytimm.tracking import default_tracking_uri, find_run, make_logger, ray_job_tags, scrub_secrets
+
+    run_name = cfg.run.name or default_run_name(cfg)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=run_name))
+    run_dir = storage.join(cfg.storage.path, run_name)
+    scheme = storage.parse_uri(cfg.storage.path).scheme
+    preflight(cfg)
+
+    done = _completed(run_dir, cfg.train.epochs)
+    if done is not None:
+        best = read_pointer(run_dir, "best") or {}
+        print(f"run {run_name!r} is already complete ({cfg.train.epochs} epochs) in {run_dir}; "
+              f"raise train.epochs to continue it, or pick a new run.name")
+        return TrainResult(run_dir=run_dir, best_checkpoint=best.get("checkpoint"), best_metrics=best.get("metrics", {}),
+                           latest_checkpoint=done.get("checkpoint"), mlflow_run_id=None,
+                           epochs=int(done["metrics"].get("epoch", 0)), status="already_complete")
+
+    # MLflow: one run per training run name, continued when the same run name comes back.
+    mlflow_kwargs = None
+    logger = None
+    if cfg.mlflow.enabled:
+        uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.storage.path)
+        run_id = find_run(uri, cfg.mlflow.experiment, run_name)
+        logger = make_logger(enabled=True, tracking_uri=uri, experiment=cfg.mlflow.experiment, run_name=run_name,
+                             run_id=run_id, parent_run_id=mlflow_parent_run_id, timeout_s=cfg.mlflow.timeout_s)
+        if logger.run_id:
+            mlflow_kwargs = dict(enabled=True, tracking_uri=uri, experiment=cfg.mlflow.experiment, run_name=run_name,
+                                 run_id=logger.run_id, timeout_s=cfg.mlflow.timeout_s)
+            logger.log_params(scrub_secrets(flatten_config(cfg)))
+            logger.set_tags({"raytimm.run_dir": run_dir, **ray_job_tags()})
+            logger.log_text(dump_yaml(cfg), "config.yaml")
+
+    init_ray()
+    callback = TrackingCallback(run_dir=run_dir, scheme=scheme, metric=cfg.checkpoint.metric,
+                                mode=cfg.checkpoint.mode, mlflow_kwargs=mlflow_kwargs)
+    trainer = build_trainer(cfg, run_name=run_name, callbacks=[callback])
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; name the run and keep the cause's message
+        if logger is not None:
+            logger.finish("FAILED")
+        cause = e.__cause__ or e
+        raise RaytimmError(f"training run {run_name!r} failed: {type(cause).__name__}: {cause}") from None
+    if result.error is not None:
+        if logger is not None:
+            logger.finish("FAILED")
+        raise RaytimmError(f"training run {run_name!r} failed: {result.error}")
+
+    best_ckpt, best_metrics = _best(result, cfg.checkpoint.metric, cfg.checkpoint.mode)
+    best_uri = checkpoint_uri(best_ckpt.path, scheme) if best_ckpt else None
+    latest_uri = checkpoint_uri(result.checkpoint.path, scheme) if result.checkpoint else None
+    if best_uri:
+        write_best_pointer(run_dir, best_uri, best_metrics)
+    out = TrainResult(run_dir=run_dir, best_checkpoint=best_uri, best_metrics=best_metrics,
+                      latest_checkpoint=latest_uri, mlflow_run_id=logger.run_id if logger else None,
+                      epochs=int((result.metrics or {}).get("epoch", 0)))
+    if logger is not None:
+        _log_final_artifacts(logger, best_uri, out)
+        logger.finish("FINISHED")
+    return out
+
+
+def _best(result, metric: str, mode: str) -> tuple[Optional[Checkpoint], dict]:
+    pairs = list(result.best_checkpoints or [])
+    pairs = [(c, m) for c, m in pairs if metric in m]
+    if not pairs:
+        return result.checkpoint, dict(result.metrics or {})
+    key = (lambda cm: cm[1][metric])
+    c, m = (max if mode == "max" else min)(pairs, key=key)
+    return c, {k: v for k, v in m.items() if isinstance(v, (int, float))}
+
+
+def _log_final_artifacts(logger, best_uri: Optional[str], out: TrainResult) -> None:
+    """Tags with checkpoint URIs; best epoch's confusion matrix, per-class CSV, curves, classes.txt."""
+    from raytimm.checkpoint import load_meta
+    from raytimm import plots
+
+    tags = {"raytimm.best_checkpoint": best_uri or "", "raytimm.latest_checkpoint": out.latest_checkpoint or ""}
+    logger.set_tags(tags)
+    if not best_uri:
+        return
+    try:
+        meta = load_meta(best_uri)
+    except Exception as e:  # artifacts are a courtesy; the run itself succeeded
+        log.warning("could not read %s for MLflow artifacts: %s", best_uri, e)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        names = meta.get("class_names") or []
+        p = os.path.join(tmp, "classes.txt")
+        with open(p, "w", encoding="utf-8") as f:
+            f.write("\n".join(names) + "\n")
+        logger.log_artifact(p)
+        cm = meta.get("confusion_matrix")
+        if cm:
+            png, csv = os.path.join(tmp, "confusion_matrix.png"), os.path.join(tmp, "per_class.csv")
+            plots.confusion_matrix_png(cm, names, png, title=f"best epoch {meta.get('epoch')}")
+            plots.per_class_csv(cm, names, csv)
+            logger.log_artifact(png)
+            logger.log_artifact(csv)
+        hist = meta.get("history")
+        if hist:
+            png = os.path.join(tmp, "curves.png")
+            plots.curves_png(hist, png)
+            logger.log_artifact(png)
