@@ -86,6 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     worker_logging_setup()
     cfg = config_from_dict(config["cfg"])
+    storage.configure(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
     if storage.is_remote(cfg.data.path):
         # One download per node: the stage cache is keyed by URI and guarded by a file lock.
         cfg.data.path = storage.stage(cfg.data.path, os.path.join(os.path.expanduser(cfg.data.cache_dir), "datasets"),
@@ -122,8 +123,11 @@ class TrackingCallback(ray.train.UserCallback):
     thread so a slow tracking server cannot hold up the controller.
     """
 
-    def __init__(self, *, run_dir: str, scheme: str, metric: str, mode: str, mlflow_kwargs: Optional[dict]):
+    def __init__(self, *, run_dir: str, scheme: str, metric: str, mode: str, mlflow_kwargs: Optional[dict],
+                 endpoint_url: Optional[str] = None, region: Optional[str] = None):
         self.run_dir = run_dir
+        self.storage_opts = dict(endpoint_url=endpoint_url, region=region)
+        self._configured = False
         self.scheme = scheme
         self.metric = metric
         self.mode = mode
@@ -157,13 +161,16 @@ class TrackingCallback(ray.train.UserCallback):
         return value > self.best_value if self.mode == "max" else value < self.best_value
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
-        from raytimm.checkpoint import load_meta, write_best_pointer, write_latest_pointer
+        from raytimm.checkpoint import write_best_pointer, write_latest_pointer
 
         m = {k: float(v) for k, v in (metrics[0] if metrics else {}).items() if isinstance(v, (int, float))}
         if "epoch" in m:
             self._queue().put((m, int(m["epoch"])))
         if checkpoint is None:
             return
+        if not self._configured:  # this runs in the controller process, which has its own storage settings
+            storage.configure(**self.storage_opts)
+            self._configured = True
         uri = checkpoint_uri(checkpoint.path, self.scheme)
         write_latest_pointer(self.run_dir, uri, m)
         value = m.get(self.metric)
@@ -176,10 +183,10 @@ class TrackingCallback(ray.train.UserCallback):
 
 
 def _pointer_metric(run_dir: str, metric: str, name: str = "best") -> Optional[float]:
-    from raytimm.checkpoint import read_pointer
+    from raytimm.checkpoint import read_pointer_info
 
     try:
-        p = read_pointer(run_dir, name)
+        p = read_pointer_info(run_dir, name)
     except Exception:
         return None
     if not p:
@@ -242,10 +249,10 @@ def _scaling(cfg: Config) -> ScalingConfig:
 
 def _completed(run_dir: str, epochs: int) -> Optional[dict]:
     """The `latest` pointer of a run that already reached `epochs`, else None."""
-    from raytimm.checkpoint import read_pointer
+    from raytimm.checkpoint import read_pointer_info
 
     try:
-        latest = read_pointer(run_dir, "latest")
+        latest = read_pointer_info(run_dir, "latest")
     except Exception:
         return None
     if latest and int((latest.get("metrics") or {}).get("epoch", 0)) >= epochs:
@@ -274,18 +281,19 @@ def build_trainer(cfg: Config, *, run_name: str, callbacks: list) -> TorchTraine
 
 def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None) -> TrainResult:
     """Run one training job end to end and publish its `best` pointer."""
-    from raytimm.checkpoint import read_pointer, write_best_pointer
+    from raytimm.checkpoint import read_pointer_info, write_best_pointer
     from raytimm.tracking import default_tracking_uri, find_run, make_logger, ray_job_tags, scrub_secrets
 
     run_name = cfg.run.name or default_run_name(cfg)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=run_name))
     run_dir = storage.join(cfg.storage.path, run_name)
     scheme = storage.parse_uri(cfg.storage.path).scheme
+    storage.configure(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
     preflight(cfg)
 
     done = _completed(run_dir, cfg.train.epochs)
     if done is not None:
-        best = read_pointer(run_dir, "best") or {}
+        best = read_pointer_info(run_dir, "best") or {}
         print(f"run {run_name!r} is already complete ({cfg.train.epochs} epochs) in {run_dir}; "
               f"raise train.epochs to continue it, or pick a new run.name")
         return TrainResult(run_dir=run_dir, best_checkpoint=best.get("checkpoint"), best_metrics=best.get("metrics", {}),
@@ -309,7 +317,8 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None) -> TrainRe
 
     init_ray()
     callback = TrackingCallback(run_dir=run_dir, scheme=scheme, metric=cfg.checkpoint.metric,
-                                mode=cfg.checkpoint.mode, mlflow_kwargs=mlflow_kwargs)
+                                mode=cfg.checkpoint.mode, mlflow_kwargs=mlflow_kwargs,
+                                endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
     trainer = build_trainer(cfg, run_name=run_name, callbacks=[callback])
     try:
         result = trainer.fit()
