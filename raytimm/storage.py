@@ -270,7 +270,7 @@ def client_config(scheme: str, endpoint: str | None):
     from botocore.config import Config
 
     options: dict = dict(
-        retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+        retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS},  # 5 tries in all
         connect_timeout=CONNECT_TIMEOUT_S,
         read_timeout=READ_TIMEOUT_S,
         max_pool_connections=TRANSFER_THREADS * 4,
