@@ -402,6 +402,12 @@ def _storage_error(uri: StorageURI, exc: BaseException, action: str, endpoint: s
         return StorageError(f"{uri}: bucket '{uri.bucket}' does not exist at {where}")
     if code in _MISSING_CODES:
         return StorageError(f"{uri}: no such object")
+    if code == "NotImplemented" and not _is_r2(uri.scheme, endpoint):
+        # boto3's CRC32 trailers are turned off only for endpoints we recognise as R2.
+        return StorageError(
+            f"{uri}: {action} failed (NotImplemented, HTTP {status}); if {where} is Cloudflare R2 "
+            "(e.g. behind a custom domain), use an r2:// URI so checksum trailers are turned off"
+        )
     return StorageError(f"{uri}: {action} failed ({code}, HTTP {status})")
 
 
@@ -413,7 +419,7 @@ def _translate(uri: StorageURI, action: str, endpoint: str | None = None) -> Ite
 
     try:
         yield
-    except (BotoCoreError, ClientError, Boto3Error) as exc:
+    except (BotoCoreError, ClientError, Boto3Error, OSError) as exc:
         raise _storage_error(uri, exc, action, endpoint) from None
 
 

@@ -446,6 +446,24 @@ def test_preflight_wrong_keys(s3_env, s3_auth_server):
 
 
 @pytest.mark.s3
+def test_preflight_wrong_secret_and_no_permission(s3_env, s3_auth_server, monkeypatch):
+    """A real key with a wrong secret is rejected; the right secret without a policy is denied."""
+    uri, kw = s3_env.uri("ds"), {"endpoint_url": s3_auth_server.endpoint}
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_auth_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-for-a-real-key")
+    with pytest.raises(StorageError) as rejected:
+        storage.preflight(uri, want="read", **kw)
+    assert str(rejected.value).startswith(f"{uri}: the storage credentials were rejected (SignatureDoesNotMatch)")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_auth_server.secret_key)
+    with pytest.raises(StorageError) as denied:
+        storage.preflight(uri, want="write", **kw)
+    assert str(denied.value).startswith(f"{uri}: access denied (AccessDenied, HTTP 403)")
+    for err in (rejected, denied):
+        assert s3_auth_server.access_key not in str(err.value)
+        assert s3_auth_server.secret_key not in str(err.value)
+
+
+@pytest.mark.s3
 def test_preflight_missing_prefix_and_no_images(s3_env):
     client = s3_env.client()
     client.put_object(Bucket=s3_env.bucket, Key="docs/readme.txt", Body=b"x")
