@@ -1,0 +1,573 @@
+"""MLflow tracking for rank 0 or the driver, and a null logger for everyone else.
+
+This is the only module that imports mlflow. Tracking must never kill or stall training: every
+MLflow call is bounded in time and guarded, and after a failure the logger warns once and skips
+calls for a cooldown instead of raising. Params never contain secrets (see ``scrub_secrets``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+
+log = logging.getLogger("raytimm.tracking")
+
+# MLflow's own limits (mlflow/utils/validation.py); exceeding them rejects the whole batch.
+MAX_PARAM_VALUE_LEN = 6000
+MAX_TAG_VALUE_LEN = 8000
+MAX_KEY_LEN = 250
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+
+# Key fragments that mark a value as secret; such keys are dropped before anything is logged.
+SECRET_MARKERS = (
+    "secret", "password", "passwd", "token", "access_key", "credential", "api_key", "apikey",
+    "private_key", "authorization",
+)
+_USERINFO_RE = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s]+@")
+_BAD_KEY_CHARS_RE = re.compile(r"[^/\w.\- ]")
+
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag for nested runs (mlflow.utils.mlflow_tags)
+TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+DEFAULT_COOLDOWN_S = 60.0
+# A local sqlite store creates its schema on first use: seconds, more on a busy machine.
+LOCAL_STORE_CALL_TIMEOUT_S = 120.0
+
+
+@runtime_checkable
+class MetricLogger(Protocol):
+    """What training code needs from a tracker; implemented by MlflowLogger and NullLogger."""
+
+    @property
+    def run_id(self) -> str | None: ...
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+
+    def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
+
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class NullLogger:
+    """A MetricLogger that records nothing (non-zero ranks, tracking disabled or unreachable)."""
+
+    @property
+    def run_id(self) -> str | None:
+        return None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def redact_uri(uri: str) -> str:
+    """Replace ``user:password@`` in a URI with ``***@`` so it can be logged."""
+    return _USERINFO_RE.sub(r"\g<scheme>***@", str(uri))
+
+
+def _is_secret_key(key: str) -> bool:
+    lowered = str(key).lower()
+    return any(marker in lowered for marker in SECRET_MARKERS)
+
+
+def scrub_secrets(d: Mapping[str, Any]) -> dict[str, Any]:
+    """Copy of ``d`` (nested) without secret-looking keys, and with credentials cut out of URIs."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if _is_secret_key(key):
+            continue
+        if isinstance(value, Mapping):
+            out[key] = scrub_secrets(value)
+        elif isinstance(value, str):
+            out[key] = redact_uri(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _param_str(value: Any) -> str:
+    """Stringify a param value the way a reader expects (lists as JSON, not Python reprs)."""
+    if isinstance(value, (list, tuple)):
+        try:
+            return json.dumps(list(value), default=str)
+        except (TypeError, ValueError):
+            return str(value)
+    return str(value)
+
+
+def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten a nested dict to ``{"a.b": "value"}`` with string values, as MLflow params need."""
+    out: dict[str, str] = {}
+    for key, value in d.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_params(value, name))
+        else:
+            out[name] = _param_str(value)
+    return out
+
+
+def sanitize_key(key: str) -> str:
+    """Make ``key`` a valid MLflow param/metric/tag name (``/`` is allowed, e.g. ``val/top1``)."""
+    cleaned = _BAD_KEY_CHARS_RE.sub("_", str(key))
+    # MLflow rejects names that normalise to another path (leading '/', '//', '..').
+    cleaned = re.sub(r"/+", "/", cleaned).strip("/")
+    cleaned = "/".join(part if part not in (".", "..") else "_" for part in cleaned.split("/"))
+    return (cleaned or "_")[:MAX_KEY_LEN]
+
+
+def _truncate(value: str, limit: int) -> str:
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def _is_local_store(uri: str) -> bool:
+    return not uri.startswith(("http://", "https://", "databricks"))
+
+
+def configure_http_timeouts(timeout_s: float) -> None:
+    """Bound MLflow's HTTP client (defaults: 120 s timeout, 5 retries with backoff).
+
+    Uses setdefault so a user's explicit environment wins. Read by mlflow at call time.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, math.ceil(timeout_s))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+def call_with_timeout(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Run ``fn`` in a daemon thread and wait at most ``timeout_s``; raise TimeoutError after.
+
+    A daemon thread (not an executor) so a hung request can never block interpreter exit.
+    The abandoned call may still finish in the background; its result is dropped.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"raytimm-mlflow-{what}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {timeout_s:.0f}s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _error_summary(exc: BaseException) -> str:
+    """One short line naming the failure, without credentials.
+
+    MLflow wraps urllib3 errors in a long message; keep the endpoint, the root cause class
+    (NewConnectionError, ReadTimeoutError, ...) and the OS error if there is one.
+    """
+    text = " ".join(str(exc).split())
+    cause = re.search(r"Caused by (\w+)", text)
+    if cause:
+        endpoint = re.search(r"API request to (\S+) failed", text)
+        os_error = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
+        text = cause.group(1) + (f" {os_error.group(0)}" if os_error else "")
+        if endpoint:
+            text += f" ({endpoint.group(1).split('?')[0]})"
+    return redact_uri(f"{type(exc).__name__}: {text}")[:300]
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def default_tracking_uri(storage_path: str | os.PathLike | None = "./runs") -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else an embedded sqlite store next to the local runs folder.
+
+    ``<storage_path>/mlflow.db`` when storage is local, ``./runs/mlflow.db`` when it is remote.
+    """
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if env_uri:
+        return env_uri
+    path = str(storage_path or "./runs")
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    elif "://" in path:
+        path = "./runs"
+    db = Path(path).expanduser().resolve() / "mlflow.db"
+    # sqlite:/// + an absolute path gives the four slashes sqlite needs.
+    return f"sqlite:///{db}"
+
+
+def local_artifact_location(tracking_uri: str) -> str | None:
+    """``file://<dir>/mlartifacts`` beside a sqlite store; None (server default) otherwise."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri[len("sqlite:///"):])
+    return (db.parent / "mlartifacts").resolve().as_uri()
+
+
+def ray_job_tags() -> dict[str, str]:
+    """Tags that link an MLflow run to its Ray job, when there is one.
+
+    ``ray job submit`` starts the entrypoint with ``RAY_JOB_CONFIG_JSON_ENV_VAR`` whose metadata
+    holds ``job_submission_id`` (ray/dashboard/modules/job/job_supervisor.py); that is the id
+    ``ray job logs`` takes. The driver's core job id comes from the runtime context, only if Ray
+    is already initialised (this module never imports ray itself).
+    """
+    tags: dict[str, str] = {}
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if raw:
+        try:
+            submission_id = (json.loads(raw).get("metadata") or {}).get("job_submission_id")
+        except (ValueError, AttributeError):
+            submission_id = None
+        if submission_id:
+            tags["ray.job_id"] = str(submission_id)
+    ray = sys.modules.get("ray")
+    if ray is not None:
+        try:
+            if ray.is_initialized():
+                tags["ray.driver_job_id"] = str(ray.get_runtime_context().get_job_id())
+        except Exception:  # noqa: BLE001 - a tag is never worth failing for
+            pass
+    return tags
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def _client(tracking_uri: str):
+    import mlflow  # only here: keeps `import raytimm.tracking` light for workers
+
+    if tracking_uri.startswith("sqlite:///"):
+        # sqlite cannot create the folder of its database file.
+        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
+def _get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
+    """Experiment id for ``name``, creating it; tolerant of a concurrent creator (Tune trials)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+class MlflowLogger:
+    """MetricLogger backed by an explicit ``MlflowClient`` (no fluent global run: Tune runs many).
+
+    Construction talks to the server and raises on failure (``make_logger`` turns that into a
+    NullLogger). After construction no MLflow failure raises: a failure logs one warning and the logger
+    skips calls for ``cooldown_s``; no call waits longer than about ``timeout_s``.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str | None,
+        *,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        timeout_s: float = 10.0,
+        cooldown_s: float = DEFAULT_COOLDOWN_S,
+    ) -> None:
+        configure_http_timeouts(timeout_s)
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.timeout_s = float(timeout_s)
+        self.cooldown_s = float(cooldown_s)
+        # The HTTP timeout bounds each request; this outer bound covers calls made of several
+        # requests, slow trickles and local stores that have no HTTP timeout at all.
+        self._call_timeout_s = (
+            max(self.timeout_s, LOCAL_STORE_CALL_TIMEOUT_S)
+            if _is_local_store(tracking_uri)
+            else self.timeout_s + 2.0
+        )
+        self._skip_until = 0.0
+        self._finished = False
+        self._logged_params: dict[str, str] = {}
+        self._logged_steps: set[tuple[str, int]] = set()
+        self._client = None
+        self._run_id: str | None = None
+        self.experiment_id: str | None = None
+        call_with_timeout(
+            lambda: self._open(run_name, run_id, parent_run_id, tags or {}),
+            self._call_timeout_s,
+            "open",
+        )
+
+    # -- setup (may raise) ------------------------------------------------------------
+
+    def _open(self, run_name, run_id, parent_run_id, tags: Mapping[str, Any]) -> None:
+        client = _client(self.tracking_uri)
+        if run_id is not None:
+            run = client.get_run(run_id)
+            self.experiment_id = run.info.experiment_id
+            self._load_history(client, run)
+            if run.info.status != "RUNNING":
+                # A resumed run continues the same MLflow run, so it is running again.
+                client.update_run(run_id, status="RUNNING")
+        else:
+            self.experiment_id = _get_or_create_experiment(
+                client, self.experiment, local_artifact_location(self.tracking_uri)
+            )
+            run_tags = {PARENT_RUN_TAG: parent_run_id} if parent_run_id else {}
+            run = client.create_run(self.experiment_id, run_name=run_name, tags=run_tags)
+            run_id = run.info.run_id
+        self._client = client
+        self._run_id = run_id
+        if parent_run_id and run.data.tags.get(PARENT_RUN_TAG) != parent_run_id:
+            client.set_tag(run_id, PARENT_RUN_TAG, parent_run_id)
+        if tags:
+            self._set_tags_now(tags)
+
+    def _load_history(self, client, run) -> None:
+        """Remember params and (metric, step) pairs already in a resumed run, to skip them."""
+        self._logged_params = dict(run.data.params)
+        for key in run.data.metrics:
+            for metric in client.get_metric_history(run.info.run_id, key):
+                self._logged_steps.add((key, int(metric.step)))
+
+    # -- guarded execution ------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run_id
+
+    @property
+    def healthy(self) -> bool:
+        """False while calls are being skipped after a failure."""
+        return time.monotonic() >= self._skip_until and not self._finished
+
+    def _guard(self, what: str, fn: Callable[[], Any], *, force: bool = False) -> bool:
+        """Run one MLflow call bounded and guarded; True if it succeeded.
+
+        ``force`` ignores the cooldown (used once, for the final status).
+        """
+        if self._finished or (time.monotonic() < self._skip_until and not force):
+            log.debug("MLflow %s skipped (cooling down after a failure or finished)", what)
+            return False
+        try:
+            call_with_timeout(fn, self._call_timeout_s, what)
+            return True
+        except Exception as exc:  # noqa: BLE001 - tracking never kills training
+            self._skip_until = time.monotonic() + self.cooldown_s
+            consequence = (
+                "run status not recorded" if force
+                else f"training continues, MLflow calls skipped for {self.cooldown_s:.0f}s"
+            )
+            log.warning(
+                "MLflow %s to %s failed (%s); %s",
+                what, redact_uri(self.tracking_uri), _error_summary(exc), consequence,
+            )
+            return False
+
+    # -- MetricLogger -----------------------------------------------------------------
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params (nested dicts flattened, secrets dropped); re-logging same values is a no-op."""
+        flat = flatten_params(scrub_secrets(params))
+        new: dict[str, str] = {}
+        changed: list[str] = []
+        for key, value in flat.items():
+            key = sanitize_key(key)
+            value = _truncate(value, MAX_PARAM_VALUE_LEN)
+            if key in self._logged_params:
+                # MLflow rejects a changed value for a logged param; keep the first one.
+                if self._logged_params[key] != value:
+                    changed.append(key)
+                continue
+            new[key] = value
+        if changed:
+            log.warning(
+                "MLflow params already logged with other values, kept the old ones: %s",
+                ", ".join(sorted(changed)[:10]),
+            )
+        if not new:
+            return
+
+        def call() -> None:
+            from mlflow.entities import Param
+
+            items = [Param(k, v) for k, v in new.items()]
+            for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+                self._client.log_batch(self._run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
+
+        if self._guard("log_params", call):
+            self._logged_params.update(new)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log numeric metrics at ``step`` (the epoch); a (key, step) already logged is skipped."""
+        step = int(step)
+        fresh: dict[str, float] = {}
+        for key, value in metrics.items():
+            key = sanitize_key(key)
+            if (key, step) in self._logged_steps:
+                continue
+            try:
+                fresh[key] = float(value)
+            except (TypeError, ValueError):
+                log.debug("metric %s=%r is not a number; not logged", key, value)
+        if not fresh:
+            return
+
+        def call() -> None:
+            from mlflow.entities import Metric
+
+            now_ms = int(time.time() * 1000)
+            items = [Metric(k, v, now_ms, step) for k, v in fresh.items()]
+            for start in range(0, len(items), MAX_METRICS_PER_BATCH):
+                self._client.log_batch(self._run_id, metrics=items[start:start + MAX_METRICS_PER_BATCH])
+
+        if self._guard("log_metrics", call):
+            self._logged_steps.update((k, step) for k in fresh)
+
+    def _set_tags_now(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [
+            RunTag(sanitize_key(k), _truncate(str(v), MAX_TAG_VALUE_LEN))
+            for k, v in scrub_secrets(tags).items()
+            if v is not None
+        ]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self._run_id, tags=items[start:start + MAX_PARAMS_PER_BATCH])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (e.g. checkpoint URIs); later values overwrite earlier ones."""
+        if tags:
+            self._guard("set_tags", lambda: self._set_tags_now(tags))
+
+    def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Upload a file, or a folder's contents, under ``artifact_path`` of the run."""
+        path = Path(local_path)
+        if path.is_dir():
+            self._guard(
+                "log_artifact",
+                lambda: self._client.log_artifacts(self._run_id, str(path), artifact_path),
+            )
+        else:
+            self._guard(
+                "log_artifact",
+                lambda: self._client.log_artifact(self._run_id, str(path), artifact_path),
+            )
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Store ``text`` as the artifact file ``artifact_file`` (e.g. ``reports/data.txt``)."""
+        self._guard("log_text", lambda: self._client.log_text(self._run_id, text, artifact_file))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Mark the run terminated with ``status``; later calls on this logger do nothing."""
+        if status not in TERMINAL_STATUSES:
+            raise ValueError(f"finish(status={status!r}): expected one of {TERMINAL_STATUSES}")
+        if self._finished:
+            return
+        self._guard("finish", lambda: self._client.set_terminated(self._run_id, status=status),
+                    force=True)
+        self._finished = True
+
+
+# --------------------------------------------------------------------------- factories
+
+
+def make_logger(
+    *,
+    enabled: bool,
+    tracking_uri: str | None,
+    experiment: str,
+    run_name: str | None,
+    run_id: str | None = None,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    timeout_s: float = 10.0,
+    storage_path: str | os.PathLike | None = "./runs",
+) -> MetricLogger:
+    """An MlflowLogger, or a NullLogger (with one warning) when disabled or unreachable.
+
+    ``tracking_uri=None`` means ``default_tracking_uri(storage_path)``. Ray job ids are added
+    as tags automatically; explicit ``tags`` win.
+    """
+    if not enabled:
+        return NullLogger()
+    uri = tracking_uri or default_tracking_uri(storage_path)
+    all_tags = {**ray_job_tags(), **(tags or {})}
+    try:
+        return MlflowLogger(
+            uri, experiment, run_name, run_id=run_id, parent_run_id=parent_run_id,
+            tags=all_tags, timeout_s=timeout_s,
+        )
+    except Exception as exc:  # noqa: BLE001 - tracking never kills training
+        log.warning(
+            "MLflow tracking at %s unavailable (%s); training continues without MLflow",
+            redact_uri(uri), _error_summary(exc),
+        )
+        return NullLogger()
+
+
+def find_run(tracking_uri: str, experiment: str, run_name: str, *, timeout_s: float = 10.0) -> str | None:
+    """Id of the newest run called ``run_name`` in ``experiment``, or None (also when unreachable)."""
+    configure_http_timeouts(timeout_s)
+    call_timeout = max(timeout_s, LOCAL_STORE_CALL_TIMEOUT_S) if _is_local_store(tracking_uri) else timeout_s + 2.0
+
+    def search() -> str | None:
+        client = _client(tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return None
+        quoted = run_name.replace("\\", "\\\\").replace("'", "\\'")
+        runs = client.search_runs(
+            [found.experiment_id],
+            filter_string=f"attributes.run_name = '{quoted}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    try:
+        return call_with_timeout(search, call_timeout, "find_run")
+    except Exception as exc:  # noqa: BLE001
+        log.warning(
+            "MLflow run lookup %r at %s failed (%s); starting a new run",
+            run_name, redact_uri(tracking_uri), _error_summary(exc),
+        )
+        return None

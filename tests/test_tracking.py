@@ -1,0 +1,315 @@
+"""Tests for raytimm.tracking against a real ``mlflow server`` on loopback and the embedded store."""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+
+import mlflow
+import pytest
+
+from raytimm import tracking
+from raytimm.tracking import MetricLogger, MlflowLogger, NullLogger, make_logger
+from tests.fixtures.mlflow_server import free_port
+
+EXPERIMENT = "raytimm-tests"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_env(monkeypatch):
+    """Each test starts without MLflow env settings; whatever the code sets is undone after."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+                 "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                 "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def tracking_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "raytimm.tracking" and r.levelno == logging.WARNING]
+
+
+class TcpProxy:
+    """Forwards a loopback port to the MLflow server until ``close()``: a server that goes away."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.sockets: list[socket.socket] = []
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.closed = True
+        try:
+            # close() alone does not wake a thread blocked in accept(); shutdown() does.
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        for s in self.sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+# --------------------------------------------------------------------------- no server needed
+
+
+def test_flatten_and_scrub_params():
+    cfg = {
+        "train": {"lr": 0.01, "epochs": 3},
+        "data": {"rrc_scale": [0.5, 1.0], "path": "s3://bucket/data"},
+        "storage": {"secret_access_key": "s3cr3t", "aws_access_key_id": "AKIAXXXXXXXXXXXXXXXX",
+                    "session_token": "tok", "endpoint_url": "https://user:pw@r2.example.com/x"},
+        "mlflow": {"password": "pw", "tracking_uri": "http://u:p@mlflow.local:5000"},
+        "api_key": "k",
+        "empty": {},
+    }
+    flat = tracking.flatten_params(tracking.scrub_secrets(cfg))
+    assert flat == {
+        "train.lr": "0.01",
+        "train.epochs": "3",
+        "data.rrc_scale": "[0.5, 1.0]",
+        "data.path": "s3://bucket/data",
+        "storage.endpoint_url": "https://***@r2.example.com/x",
+        "mlflow.tracking_uri": "http://***@mlflow.local:5000",
+        "empty": "{}",
+    }
+
+
+def test_sanitize_key_keeps_slash_metrics():
+    assert tracking.sanitize_key("val/top1") == "val/top1"
+    assert tracking.sanitize_key("tune.search_space[lr]") == "tune.search_space_lr_"
+    assert tracking.sanitize_key("/a//b/") == "a/b"
+    assert len(tracking.sanitize_key("x" * 400)) == tracking.MAX_KEY_LEN
+
+
+def test_null_logger_conforms_and_does_nothing(tmp_path):
+    logger = NullLogger()
+    assert isinstance(logger, MetricLogger)
+    assert logger.run_id is None
+    logger.log_params({"a": 1})
+    logger.log_metrics({"val/top1": 1.0}, step=1)
+    logger.set_tags({"t": "v"})
+    logger.log_artifact(tmp_path / "missing.txt")
+    logger.log_text("x", "x.txt")
+    logger.finish("FAILED")
+    assert isinstance(make_logger(enabled=False, tracking_uri="http://127.0.0.1:1",
+                                  experiment=EXPERIMENT, run_name="off"), NullLogger)
+
+
+def test_ray_job_tags_from_job_submission_env(monkeypatch):
+    # What `ray job submit` sets for the entrypoint (ray/dashboard/modules/job/job_supervisor.py).
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {}, "metadata": {"job_submission_id": "raysubmit_abc123", "job_name": "x"}}))
+    assert tracking.ray_job_tags()["ray.job_id"] == "raysubmit_abc123"
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert "ray.job_id" not in tracking.ray_job_tags()
+
+
+def test_default_tracking_uri(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    uri = tracking.default_tracking_uri(str(runs))
+    assert uri == f"sqlite:///{runs}/mlflow.db"
+    assert uri.startswith("sqlite:////")  # absolute path: four slashes
+    assert tracking.local_artifact_location(uri) == (runs / "mlartifacts").as_uri()
+    monkeypatch.chdir(tmp_path)
+    # Remote storage: the embedded store stays local, under ./runs.
+    assert tracking.default_tracking_uri("r2://bucket/runs") == f"sqlite:///{tmp_path}/runs/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert tracking.default_tracking_uri(str(runs)) == "http://mlflow.example:5000"
+
+
+def test_embedded_sqlite_store_by_default(tmp_path, caplog):
+    runs = tmp_path / "runs"
+    logger = make_logger(enabled=True, tracking_uri=None, experiment=EXPERIMENT, run_name="local",
+                         storage_path=str(runs))
+    assert isinstance(logger, MlflowLogger), tracking_warnings(caplog)
+    logger.log_metrics({"val/top1": 50.0}, step=1)
+    logger.log_text("hello", "notes/hello.txt")
+    logger.finish()
+    assert not tracking_warnings(caplog)
+    assert (runs / "mlflow.db").is_file()
+    assert (runs / "mlartifacts").is_dir()
+    assert list((runs / "mlartifacts").rglob("hello.txt"))
+    client = mlflow.MlflowClient(f"sqlite:///{runs}/mlflow.db")
+    run = client.get_run(logger.run_id)
+    assert run.data.metrics == {"val/top1": 50.0}
+    assert run.info.status == "FINISHED"
+
+
+def test_unreachable_server_gives_null_logger_with_warning(caplog):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    logger = make_logger(enabled=True, tracking_uri=uri, experiment=EXPERIMENT, run_name="dead",
+                         timeout_s=1)
+    assert isinstance(logger, NullLogger)
+    (message,) = tracking_warnings(caplog)
+    assert uri in message and "continues without MLflow" in message
+    assert tracking.find_run(uri, EXPERIMENT, "dead", timeout_s=1) is None
+
+
+def test_server_that_never_answers_gives_null_logger(caplog):
+    # Accepts TCP connections (kernel backlog) but never answers HTTP: a hung server.
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as hung:
+        uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        logger = make_logger(enabled=True, tracking_uri=uri, experiment=EXPERIMENT,
+                             run_name="hung", timeout_s=1)
+    assert isinstance(logger, NullLogger)
+    assert len(tracking_warnings(caplog)) == 1
+
+
+# --------------------------------------------------------------------------- real mlflow server
+
+
+
+
+@pytest.mark.mlflow_server
+def test_params_metrics_tags_artifacts(mlflow_server, tmp_path, caplog):
+    logger = make_logger(enabled=True, tracking_uri=mlflow_server, experiment=EXPERIMENT,
+                         run_name="basic", tags={"raytimm.model": "resnet18"})
+    assert isinstance(logger, MlflowLogger), tracking_warnings(caplog)
+    assert isinstance(logger, MetricLogger)
+    logger.log_params({
+        "model": {"name": "resnet18", "img_size": 64},
+        "storage": {"path": "r2://bucket/runs", "secret_access_key": "s3cr3t"},
+        "long": "x" * 10_000,
+    })
+    for epoch in (1, 2):
+        logger.log_metrics({"train/loss": 1.0 / epoch, "val/top1": 40.0 + epoch, "epoch": epoch,
+                            "note": "not a number"}, step=epoch)
+    logger.set_tags({"checkpoint.best": "r2://bucket/runs/basic/checkpoint_000001"})
+    (tmp_path / "cm.png").write_bytes(b"\x89PNG fake")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "per_class.csv").write_text("class,support\n")
+    logger.log_artifact(tmp_path / "cm.png", "plots")
+    logger.log_artifact(tmp_path / "reports", "reports")  # a folder: its contents
+    logger.log_text("data report", "reports/data.txt")
+    logger.finish()
+    assert not tracking_warnings(caplog)
+
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(logger.run_id)
+    assert run.info.run_name == "basic"
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.name"] == "resnet18" and params["model.img_size"] == "64"
+    assert params["storage.path"] == "r2://bucket/runs"
+    assert not any("secret" in k for k in params) and "s3cr3t" not in params.values()
+    assert len(params["long"]) == tracking.MAX_PARAM_VALUE_LEN
+    history = client.get_metric_history(logger.run_id, "val/top1")
+    assert [(m.step, m.value) for m in history] == [(1, 41.0), (2, 42.0)]
+    assert "note" not in run.data.metrics
+    assert run.data.tags["checkpoint.best"] == "r2://bucket/runs/basic/checkpoint_000001"
+    assert run.data.tags["raytimm.model"] == "resnet18"
+    assert {f.path for f in client.list_artifacts(logger.run_id, "plots")} == {"plots/cm.png"}
+    assert {f.path for f in client.list_artifacts(logger.run_id, "reports")} == {
+        "reports/per_class.csv", "reports/data.txt"}
+
+
+@pytest.mark.mlflow_server
+def test_resume_continues_same_run_without_duplicate_epochs(mlflow_server, caplog):
+    first = make_logger(enabled=True, tracking_uri=mlflow_server, experiment=EXPERIMENT,
+                        run_name="resumable")
+    first.log_params({"train": {"lr": 0.1, "epochs": 3}})
+    for epoch in (1, 2):
+        first.log_metrics({"val/top1": 10.0 * epoch}, step=epoch)
+    first.finish("KILLED")  # e.g. the node was preempted
+
+    run_id = tracking.find_run(mlflow_server, EXPERIMENT, "resumable")
+    assert run_id == first.run_id
+    resumed = make_logger(enabled=True, tracking_uri=mlflow_server, experiment=EXPERIMENT,
+                          run_name="resumable", run_id=run_id)
+    assert resumed.run_id == first.run_id
+    # The same params again are fine; a changed value keeps the original and warns.
+    resumed.log_params({"train": {"lr": 0.1, "epochs": 3}})
+    assert not tracking_warnings(caplog)
+    resumed.log_params({"train": {"lr": 0.5}})
+    assert any("train.lr" in m for m in tracking_warnings(caplog))
+    # Resuming from the epoch-1 checkpoint replays epoch 2: it must not be logged twice.
+    for epoch in (2, 3):
+        resumed.log_metrics({"val/top1": 10.0 * epoch + 1}, step=epoch)
+    resumed.finish()
+
+    client = mlflow.MlflowClient(mlflow_server)
+    history = client.get_metric_history(run_id, "val/top1")
+    assert sorted((m.step, m.value) for m in history) == [(1, 10.0), (2, 20.0), (3, 31.0)]
+    run = client.get_run(run_id)
+    assert run.data.params["train.lr"] == "0.1"
+    assert run.info.status == "FINISHED"
+    assert tracking.find_run(mlflow_server, EXPERIMENT, "no-such-run") is None
+
+
+@pytest.mark.mlflow_server
+def test_parent_and_child_runs(mlflow_server):
+    parent = make_logger(enabled=True, tracking_uri=mlflow_server, experiment=EXPERIMENT,
+                         run_name="sweep")
+    child = make_logger(enabled=True, tracking_uri=mlflow_server, experiment=EXPERIMENT,
+                        run_name="trial_0", parent_run_id=parent.run_id)
+    child.finish()
+    parent.finish()
+    client = mlflow.MlflowClient(mlflow_server)
+    assert client.get_run(child.run_id).data.tags[tracking.PARENT_RUN_TAG] == parent.run_id
+    assert tracking.PARENT_RUN_TAG not in client.get_run(parent.run_id).data.tags
+
+
+@pytest.mark.mlflow_server
+def test_server_going_away_never_raises(mlflow_server, tmp_path, caplog):
+    proxy = TcpProxy(int(mlflow_server.rsplit(":", 1)[1]))
+    try:
+        logger = make_logger(enabled=True, tracking_uri=proxy.uri, experiment=EXPERIMENT,
+                             run_name="flaky", timeout_s=2)
+        assert isinstance(logger, MlflowLogger)
+        logger.log_metrics({"val/top1": 1.0}, step=1)
+        assert not tracking_warnings(caplog)
+
+        proxy.close()  # the tracking server disappears mid-training
+        logger.log_metrics({"val/top1": 2.0}, step=2)
+        (warning,) = tracking_warnings(caplog)
+        assert "log_metrics" in warning and "training continues" in warning
+        assert "NewConnectionError" in warning or "Errno" in warning
+        assert not logger.healthy
+        # Further calls are skipped during the cooldown: no exception, no new warnings.
+        (tmp_path / "f.txt").write_text("x")
+        logger.log_params({"a": 1})
+        logger.set_tags({"b": "c"})
+        logger.log_artifact(tmp_path / "f.txt")
+        logger.log_text("t", "t.txt")
+        assert len(tracking_warnings(caplog)) == 1
+        logger.finish("FAILED")  # tries once more (bounded), warns, does not raise
+        assert len(tracking_warnings(caplog)) == 2
+    finally:
+        proxy.close()
+
+    client = mlflow.MlflowClient(mlflow_server)
+    assert [m.step for m in client.get_metric_history(logger.run_id, "val/top1")] == [1]
