@@ -170,8 +170,9 @@ def _env(name: str) -> str | None:
     return value or None
 
 
-def endpoint_for(scheme: str, endpoint_url: str | None = None) -> str | None:
+def endpoint_for(scheme: str, endpoint_url: str | None = None, *, uri: str | None = None) -> str | None:
     """Endpoint URL for a scheme: explicit > env > (r2) derived from R2_ACCOUNT_ID; None = AWS default."""
+    label = uri or (scheme if "://" in scheme else f"{scheme}://")
     scheme = _scheme_of(scheme)
     explicit = endpoint_url or _settings.endpoint_url
     if explicit:
@@ -185,9 +186,7 @@ def endpoint_for(scheme: str, endpoint_url: str | None = None) -> str | None:
         account = _env("R2_ACCOUNT_ID")
         if account:
             return R2_ENDPOINT_TEMPLATE.format(account_id=account)
-        raise StorageError(
-            "r2://: no R2 endpoint: set R2_ACCOUNT_ID, R2_ENDPOINT_URL or storage.endpoint_url"
-        )
+        raise StorageError(f"{label}: no R2 endpoint: set R2_ACCOUNT_ID, R2_ENDPOINT_URL or storage.endpoint_url")
     return None
 
 
@@ -221,14 +220,14 @@ def _endpoint_label(endpoint: str | None) -> str:
     return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
-def _explicit_credentials(scheme: str) -> dict[str, str]:
+def _explicit_credentials(scheme: str, label: str = "r2://") -> dict[str, str]:
     """R2_ACCESS_KEY_ID/R2_SECRET_ACCESS_KEY for r2 when set; empty means 'use the AWS chain'."""
     if scheme != "r2":
         return {}
     key_id, secret = _env("R2_ACCESS_KEY_ID"), _env("R2_SECRET_ACCESS_KEY")
     if bool(key_id) != bool(secret):
         missing = "R2_SECRET_ACCESS_KEY" if key_id else "R2_ACCESS_KEY_ID"
-        raise StorageError(f"r2://: {missing} is not set (R2_ACCESS_KEY_ID and R2_SECRET_ACCESS_KEY go together)")
+        raise StorageError(f"{label}: {missing} is not set (R2_ACCESS_KEY_ID and R2_SECRET_ACCESS_KEY go together)")
     if not key_id:
         return {}
     _KNOWN_SECRETS.update((key_id, secret))
@@ -296,15 +295,16 @@ def s3_client(scheme: str, *, endpoint_url: str | None = None, region: str | Non
     """A (cached, thread-safe) boto3 S3 client for ``s3`` or ``r2`` (a URI is accepted too)."""
     import boto3
 
+    label = scheme if "://" in scheme else f"{scheme}://"
     scheme = _scheme_of(scheme)
-    endpoint = endpoint_for(scheme, endpoint_url)
+    endpoint = endpoint_for(scheme, endpoint_url, uri=label)
     region_name = _region_for(scheme, region)
     cache_key = (scheme, endpoint, region_name, _credentials_fingerprint())
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(cache_key)
         if client is None:
             # A Session per client: boto3 sessions are not thread-safe, clients are.
-            session = boto3.session.Session(**_explicit_credentials(scheme))
+            session = boto3.session.Session(**_explicit_credentials(scheme, label))
             client = session.client(
                 "s3",
                 endpoint_url=endpoint,
@@ -323,7 +323,7 @@ def get_filesystem(uri: str | os.PathLike, *, endpoint_url: str | None = None, r
     parsed = parse_uri(uri)
     if not parsed.remote:
         return pafs.LocalFileSystem(), parsed.key
-    endpoint = endpoint_for(parsed.scheme, endpoint_url)
+    endpoint = endpoint_for(parsed.scheme, endpoint_url, uri=str(parsed))
     kwargs: dict = dict(
         region=_region_for(parsed.scheme, region) or ("us-east-1" if endpoint else None),
         connect_timeout=CONNECT_TIMEOUT_S,
@@ -334,7 +334,7 @@ def get_filesystem(uri: str | os.PathLike, *, endpoint_url: str | None = None, r
         parts = urlsplit(endpoint)
         kwargs["scheme"] = parts.scheme or "https"
         kwargs["endpoint_override"] = parts.netloc.rpartition("@")[2] + parts.path.rstrip("/")
-    creds = _explicit_credentials(parsed.scheme)
+    creds = _explicit_credentials(parsed.scheme, str(parsed))
     if creds:
         kwargs["access_key"] = creds["aws_access_key_id"]
         kwargs["secret_key"] = creds["aws_secret_access_key"]
@@ -424,7 +424,9 @@ def _translate(uri: StorageURI, action: str, endpoint: str | None = None) -> Ite
 
 
 def _client_for(uri: StorageURI, endpoint_url: str | None, region: str | None):
-    return s3_client(uri.scheme, endpoint_url=endpoint_url, region=region), endpoint_for(uri.scheme, endpoint_url)
+    """(client, endpoint) for a parsed remote URI; configuration errors name the URI."""
+    client = s3_client(str(uri), endpoint_url=endpoint_url, region=region)
+    return client, endpoint_for(uri.scheme, endpoint_url, uri=str(uri))
 
 
 def _is_missing(exc: BaseException) -> bool:

@@ -151,6 +151,14 @@ def test_r2_half_set_keys_is_an_error(no_storage_env, monkeypatch):
     assert "R2KEYID-only" not in str(err.value)
 
 
+def test_r2_without_endpoint_names_the_uri(no_storage_env):
+    with pytest.raises(StorageError) as err:
+        storage.read_bytes("r2://b-1/data/x.jpg")
+    assert str(err.value) == (
+        "r2://b-1/data/x.jpg: no R2 endpoint: set R2_ACCOUNT_ID, R2_ENDPOINT_URL or storage.endpoint_url"
+    )
+
+
 def test_s3_client_config_keeps_boto_checksums(no_storage_env, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     cfg = storage.s3_client("s3").meta.config
