@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import sys
+import unicodedata
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,6 +249,16 @@ def _find_bad_files(paths: list[str], max_pixels: int | None) -> list[tuple[str,
     return bad
 
 
+def display_width(text: str) -> int:
+    """Terminal columns of text: East Asian wide characters (e.g. Korean class names) take two."""
+    return sum(2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in text)
+
+
+def pad(text: str, width: int) -> str:
+    """Left-align text in `width` terminal columns."""
+    return text + " " * max(0, width - display_width(text))
+
+
 def class_counts(samples: Sequence[Sample], num_classes: int) -> list[int]:
     """Number of samples per class index."""
     counts = [0] * num_classes
@@ -264,7 +275,7 @@ def format_report(scan: ScanResult) -> str:
         source = "val from val/"
     n = scan.num_classes
     train_counts, val_counts = class_counts(scan.train, n), class_counts(scan.val, n)
-    width = max([len("class"), *(len(c) for c in scan.class_names)])
+    width = max([len("class"), *(display_width(c) for c in scan.class_names)])
     lines = [
         f"dataset: {scan.root}",
         f"split: {source}",
@@ -273,7 +284,7 @@ def format_report(scan: ScanResult) -> str:
     ]
     for i, name in enumerate(scan.class_names):
         note = "   (no val images)" if val_counts[i] == 0 else ""
-        lines.append(f"  {i:>4}  {name:<{width}}  {train_counts[i]:>6}  {val_counts[i]:>6}{note}")
+        lines.append(f"  {i:>4}  {pad(name, width)}  {train_counts[i]:>6}  {val_counts[i]:>6}{note}")
     if scan.ignored_files:
         lines.append(f"non-image files ignored: {scan.ignored_files}")
     lines.append(f"unreadable files left out: {len(scan.bad_files)}")
