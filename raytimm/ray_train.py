@@ -16,7 +16,7 @@ import os
 import queue
 import tempfile
 import threading
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from raytimm.logs import quiet_env
 
@@ -279,8 +279,13 @@ def build_trainer(cfg: Config, *, run_name: str, callbacks: list) -> TorchTraine
                         scaling_config=_scaling(cfg), run_config=run_config)
 
 
-def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None) -> TrainResult:
-    """Run one training job end to end and publish its `best` pointer."""
+def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks: Sequence = (),
+          check: bool = True) -> TrainResult:
+    """Run one training job end to end and publish its `best` pointer.
+
+    ``callbacks`` are extra Train callbacks (Tune's TuneReportCallback); ``check=False`` skips the
+    data/storage preflight, which a sweep runs once instead of once per trial.
+    """
     from raytimm.checkpoint import read_pointer_info, write_best_pointer
     from raytimm.tracking import default_tracking_uri, find_run, make_logger, ray_job_tags, scrub_secrets
 
@@ -289,7 +294,8 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None) -> TrainRe
     run_dir = storage.join(cfg.storage.path, run_name)
     scheme = storage.parse_uri(cfg.storage.path).scheme
     storage.configure(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
-    preflight(cfg)
+    if check:
+        preflight(cfg)
 
     done = _completed(run_dir, cfg.train.epochs)
     if done is not None:
@@ -319,7 +325,7 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None) -> TrainRe
     callback = TrackingCallback(run_dir=run_dir, scheme=scheme, metric=cfg.checkpoint.metric,
                                 mode=cfg.checkpoint.mode, mlflow_kwargs=mlflow_kwargs,
                                 endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
-    trainer = build_trainer(cfg, run_name=run_name, callbacks=[callback])
+    trainer = build_trainer(cfg, run_name=run_name, callbacks=[callback, *callbacks])
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; name the run and keep the cause's message
