@@ -1,0 +1,690 @@
+"""The per-worker training loop: plain PyTorch + timm, one process or many.
+
+``fit(cfg)`` runs on its own in one process. The Ray layer passes ``prepare_model`` /
+``prepare_loader`` (Ray Train's DDP and device hooks) and a ``report`` callback; nothing else
+differs between one process and N workers. Distributed facts come from ``distributed.py``.
+
+Per epoch: train, sync buffers, validate exactly (every val image once across ranks), save a
+checkpoint folder on rank 0, report. Metric names follow DESIGN.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import timm
+import timm.data
+import timm.loss
+import timm.optim
+import timm.scheduler
+import timm.utils
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from raytimm import distributed as dist_utils
+from raytimm.errors import ConfigError, DataError
+from raytimm.model import build_model, unwrap_model
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("train/loss", "train/top1", "val/loss", "val/top1", "val/top5", "lr", "throughput", "epoch")
+
+# Test-only hook for the fault-tolerance test: when RAYTIMM_TEST_CRASH_AT_EPOCH=N and the file named
+# by RAYTIMM_TEST_CRASH_MARKER does not exist yet, one worker (rank 1, or rank 0 alone) creates the
+# marker and dies with os._exit(1) right after epoch N was reported. Never set these in real runs.
+CRASH_EPOCH_ENV = "RAYTIMM_TEST_CRASH_AT_EPOCH"
+CRASH_MARKER_ENV = "RAYTIMM_TEST_CRASH_MARKER"
+
+ReportFn = Callable[[dict, Optional[str]], None]
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What a training run ended with; the same on every rank except the checkpoint paths (rank 0 only)."""
+
+    best_metrics: dict
+    best_epoch: int
+    history: list[dict]
+    last_epoch: int
+    stopped_early: bool
+    class_names: list[str]
+    confusion_matrix: Optional[list[list[int]]]  # best epoch, rows = true class, cols = predicted
+    per_class: list[dict] = dataclasses.field(default_factory=list)  # best epoch: class, support, top1
+    run_dir: Optional[str] = None  # set only when fit saved checkpoints itself (report=None)
+    best_checkpoint: Optional[str] = None
+    latest_checkpoint: Optional[str] = None
+
+
+@dataclasses.dataclass
+class EpochInfo:
+    """Passed to ``on_epoch_end`` on every rank after the epoch was reported."""
+
+    epoch: int
+    metrics: dict
+    is_best: bool
+    confusion_matrix: list[list[int]]
+    class_names: list[str]
+    checkpoint_dir: Optional[str]  # only when fit saves checkpoints itself (report=None)
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Rank r gets indices r, r+world, r+2*world, ...: no padding, so every sample is seen exactly once.
+
+    It subclasses DistributedSampler on purpose: Ray's ``prepare_data_loader`` keeps a loader's
+    sampler only when it is a DistributedSampler, and would otherwise swap in a padding one.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+# ------------------------------------------------------------------ small resolvers
+
+def resolve_amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for ``train.amp``; 'auto' means bf16 (or fp16) on GPU and nothing on CPU."""
+    if amp == "off":
+        return None
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def resolve_channels_last(setting: str, device: torch.device) -> bool:
+    """channels_last pays off on GPU tensor cores; on CPU it is often slower, so 'auto' skips it."""
+    return device.type == "cuda" if setting == "auto" else setting == "true"
+
+
+def resolve_num_threads(num_threads: Optional[int], cfg_threads: Optional[int]) -> int:
+    """Intra-op threads: explicit > train.threads > OMP_NUM_THREADS (Ray sets it per worker) > usable CPUs."""
+    if num_threads or cfg_threads:
+        return int(num_threads or cfg_threads)
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def _progress(iterable, *, total: int, desc: str):
+    """A tqdm bar on rank 0 when stderr is a terminal (TQDM_DISABLE=1 also turns it off)."""
+    if not (dist_utils.is_main_process() and sys.stderr.isatty()):
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------ data
+
+def prepare_dataset_root(cfg) -> str:
+    """Local ImageFolder root for ``cfg.data``: stage a remote URI, convert DICE into the cache."""
+    root = cfg.data.path
+    if not root:
+        raise ConfigError("data.path is empty: point it at an ImageFolder or DICE export")
+    cache = os.path.expanduser(cfg.data.cache_dir)
+    # Local rank 0 stages/converts first; the others then find the cache ready (no duplicate work).
+    first = dist_utils.get_local_rank() == 0
+    if not first:
+        dist_utils.barrier()
+    try:
+        from raytimm import storage
+
+        if storage.is_remote(root):
+            root = storage.stage(root, os.path.join(cache, "datasets"), endpoint_url=cfg.storage.endpoint_url,
+                                 region=cfg.storage.region)
+        if cfg.data.format == "dice":
+            from raytimm.data.dice import ensure_dice_converted
+
+            root = ensure_dice_converted(root, os.path.join(cache, "dice"), split_ratio=cfg.data.split_ratio,
+                                         seed=cfg.data.split_seed, log=log.info)
+    finally:
+        if first:
+            dist_utils.barrier()
+    return root
+
+
+def build_loaders(train_ds, val_ds, *, batch_size: int, eval_batch_size: int, num_workers: int, pin_memory: bool,
+                  seed: int, world_size: int, rank: int) -> tuple[DataLoader, DataLoader, DistributedSampler]:
+    """Train/val DataLoaders with distributed samplers (also with one process: shuffling is then a
+    pure function of seed and epoch, so a resumed run sees the same order)."""
+    train_sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    if len(train_sampler) < batch_size:
+        raise DataError(f"the train split has {len(train_ds)} images, fewer than train.batch_size={batch_size} "
+                        f"per worker x {world_size} worker(s); lower train.batch_size")
+    val_sampler = UnpaddedDistributedSampler(val_ds, world_size, rank)
+    common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    # drop_last keeps batch sizes equal (mixup needs even batches; BatchNorm dislikes a batch of 1).
+    train_loader = DataLoader(train_ds, batch_size=batch_size, sampler=train_sampler, drop_last=True, **common)
+    val_loader = DataLoader(val_ds, batch_size=eval_batch_size, sampler=val_sampler, drop_last=False, **common)
+    return train_loader, val_loader, train_sampler
+
+
+# ------------------------------------------------------------------ optimisation
+
+def build_optimizer(model: nn.Module, *, opt: str, lr: float, weight_decay: float, momentum: float):
+    """timm.optim.create_optimizer_v2 (no weight decay on norms and biases); errors name train.opt."""
+    try:
+        return timm.optim.create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    except (ValueError, AssertionError) as e:
+        raise ConfigError(f"train.opt={opt!r}: {e} (try adamw, sgd, lamb, adam, rmsprop)") from e
+
+
+def build_scheduler(optimizer, *, sched: str, epochs: int, warmup_epochs: int, warmup_lr: float, min_lr: float,
+                    on_updates: bool, updates_per_epoch: int, mode: str):
+    """timm.scheduler.create_scheduler_v2; plateau can only step per epoch."""
+    step_on_epochs = (not on_updates) or sched == "plateau"
+    try:
+        scheduler, _ = timm.scheduler.create_scheduler_v2(
+            optimizer, sched=sched, num_epochs=epochs, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr,
+            min_lr=min_lr, step_on_epochs=step_on_epochs, updates_per_epoch=updates_per_epoch, plateau_mode=mode)
+    except (ValueError, AssertionError) as e:
+        raise ConfigError(f"train.sched={sched!r}: {e} (try cosine, step, multistep, plateau, poly, tanh)") from e
+    return scheduler
+
+
+def build_losses(*, num_classes: int, label_smoothing: float, mixup: float, cutmix: float, mixup_prob: float):
+    """(train loss, mixup fn or None): timm Mixup/CutMix with soft-target CE, else CE with smoothing."""
+    if mixup > 0 or cutmix > 0:
+        mixup_fn = timm.data.Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob,
+                                   label_smoothing=label_smoothing, num_classes=num_classes)
+        return timm.loss.SoftTargetCrossEntropy(), mixup_fn
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing), None
+
+
+def _mean_lr(optimizer) -> float:
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    return float(sum(lrs) / len(lrs))
+
+
+# ------------------------------------------------------------------ train / evaluate
+
+def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn, device: torch.device, *, scheduler,
+                    num_updates: int, accum_steps: int = 1, clip_grad: Optional[float] = None,
+                    scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: Optional[torch.dtype] = None,
+                    channels_last: bool = False, mixup_fn=None, ema=None, desc: str = "train") -> tuple[dict, int]:
+    """One pass over ``loader``; returns ({loss, top1, count, lr} summed over ranks, num_updates)."""
+    model.train()
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    num_batches = len(loader)
+    # The last accumulation group may be shorter; divide its losses by its real size.
+    full_groups_end = (num_batches // accum_steps) * accum_steps
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
+    lr = _mean_lr(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    for i, (images, targets) in enumerate(_progress(loader, total=num_batches, desc=desc)):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        hard_targets = targets
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        is_update = (i + 1) % accum_steps == 0 or i + 1 == num_batches
+        group_size = accum_steps if i < full_groups_end else num_batches - full_groups_end
+        # Skip DDP's gradient all-reduce on micro-steps that do not end in an optimizer step.
+        no_sync = getattr(model, "no_sync", None)
+        sync_ctx = no_sync() if (not is_update and no_sync is not None) else contextlib.nullcontext()
+        with sync_ctx:
+            with _autocast(device, amp_dtype):
+                output = model(images)
+                loss = loss_fn(output, targets)
+            scaler.scale(loss / group_size).backward()
+        if is_update:
+            if clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            num_updates += 1
+            if ema is not None:
+                ema.update(unwrap_model(model), step=num_updates)
+            lr = _mean_lr(optimizer)
+            scheduler.step_update(num_updates=num_updates)
+        # Accumulate on the device: calling .item() here would be a CPU-GPU sync point every step.
+        n = hard_targets.size(0)
+        sums[0] += loss.detach().double() * n
+        sums[1] += (output.detach().argmax(dim=-1) == hard_targets).sum()
+        sums[2] += n
+    dist_utils.all_reduce_sum(sums)
+    count = max(float(sums[2]), 1.0)
+    return {"loss": float(sums[0]) / count, "top1": 100.0 * float(sums[1]) / count, "count": int(sums[2]),
+            "lr": lr}, num_updates
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, *, num_classes: int,
+             amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False, desc: str = "val") -> dict:
+    """Loss, top-1/top-5 (percent) and confusion matrix over the whole loader, summed across ranks.
+
+    Exact when each rank's loader holds a disjoint share of the set (UnpaddedDistributedSampler).
+    Pass the unwrapped model: a DDP forward would broadcast buffers, a collective that deadlocks
+    when ranks have different numbers of val batches.
+    """
+    was_training = model.training
+    model.eval()
+    k = min(5, num_classes)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, n
+    cm = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    for images, targets in _progress(loader, total=len(loader), desc=desc):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp_dtype):
+            output = model(images)
+        output = output.float()
+        top = output.topk(k, dim=1).indices
+        hits = top.eq(targets[:, None])
+        sums[0] += F.cross_entropy(output, targets, reduction="sum").double()
+        sums[1] += hits[:, 0].sum()
+        sums[2] += hits.any(dim=1).sum()
+        sums[3] += targets.numel()
+        cm += torch.bincount(targets * num_classes + top[:, 0], minlength=num_classes * num_classes)
+    dist_utils.all_reduce_sum(sums)
+    dist_utils.all_reduce_sum(cm)
+    model.train(was_training)
+    n = int(sums[3])
+    denom = max(n, 1)
+    return {"loss": float(sums[0]) / denom, "top1": 100.0 * float(sums[1]) / denom,
+            "top5": 100.0 * float(sums[2]) / denom, "num_samples": n,
+            "confusion_matrix": cm.view(num_classes, num_classes).cpu().tolist()}
+
+
+def per_class_accuracy(cm: list[list[int]], class_names: list[str]) -> list[dict]:
+    """[{class, support, correct, top1}] from a confusion matrix (rows = true class)."""
+    out = []
+    for name, row, i in zip(class_names, cm, range(len(cm))):
+        support = int(sum(row))
+        out.append({"class": name, "support": support, "correct": int(row[i]),
+                    "top1": 100.0 * row[i] / support if support else 0.0})
+    return out
+
+
+# ------------------------------------------------------------------ RNG state (weights_only-loadable)
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states as tensors and plain containers (torch.load weights_only works)."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [int(version), torch.tensor(internal, dtype=torch.int64), gauss],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal.tolist()), gauss))
+    npk = state["numpy"]
+    np.random.set_state(("MT19937", npk["keys"].numpy().astype(np.uint32), npk["pos"], npk["has_gauss"],
+                         npk["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------ checkpoints
+
+def _is_better(value: float, best: Optional[float], mode: str) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(value)
+    return value > best if mode == "max" else value < best
+
+
+def _default_run_name(model_name: str) -> str:
+    return f"{model_name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    """Folder name of an epoch's checkpoint, as Ray's checkpoint_dir_name gets it too."""
+    return f"checkpoint_{epoch:06d}"
+
+
+def _prune_local_checkpoints(run_dir: str, history: list[dict], *, metric: str, mode: str, keep: int,
+                             latest_epoch: int) -> None:
+    """Keep the best ``keep`` checkpoints by ``metric`` plus the latest (what Ray's CheckpointConfig does)."""
+    ranked = sorted((h for h in history if metric in h), key=lambda h: h[metric], reverse=(mode == "max"))
+    wanted = {int(h["epoch"]) for h in ranked[:keep]} | {latest_epoch}
+    for path in Path(run_dir).glob("checkpoint_*"):
+        m = re.fullmatch(r"checkpoint_(\d+)", path.name)
+        if m and path.is_dir() and int(m.group(1)) not in wanted:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _maybe_crash_for_test(epoch: int) -> None:
+    """Test-only fault injection (see CRASH_EPOCH_ENV); a no-op unless both variables are set."""
+    at, marker = os.environ.get(CRASH_EPOCH_ENV), os.environ.get(CRASH_MARKER_ENV)
+    if not at or not marker or int(at) != epoch or os.path.exists(marker):
+        return
+    world = dist_utils.get_world_size()
+    if dist_utils.get_rank() != (1 if world > 1 else 0):
+        return
+    Path(marker).parent.mkdir(parents=True, exist_ok=True)
+    Path(marker).touch()
+    print(f"[test hook] rank {dist_utils.get_rank()} exits after epoch {epoch}", flush=True)
+    os._exit(1)
+
+
+def _summary_line(epoch: int, epochs: int, m: dict, is_best: bool) -> str:
+    return (f"epoch {epoch}/{epochs}  train/loss {m['train/loss']:.4f}  train/top1 {m['train/top1']:.1f}  "
+            f"val/loss {m['val/loss']:.4f}  val/top1 {m['val/top1']:.1f}  val/top5 {m['val/top5']:.1f}  "
+            f"lr {m['lr']:.2e}  {m['throughput']:.0f} img/s" + ("  *best" if is_best else ""))
+
+
+def _default_prepare_model(model: nn.Module) -> nn.Module:
+    """Without Ray: DDP when a process group with several ranks exists (e.g. torchrun), else as is."""
+    if dist_utils.get_world_size() > 1:
+        device = next(model.parameters()).device
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return model
+
+
+# ------------------------------------------------------------------ fit
+
+@dataclasses.dataclass
+class _State:
+    """What survives across epochs and goes into train_state.pt."""
+
+    epoch: int = 0
+    num_updates: int = 0
+    best_value: Optional[float] = None
+    best_epoch: int = 0
+    best_metrics: dict = dataclasses.field(default_factory=dict)
+    best_confusion_matrix: Optional[list] = None
+    history: list = dataclasses.field(default_factory=list)
+    epochs_without_improvement: int = 0
+
+
+def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None,
+        prepare_loader: Optional[Callable[[DataLoader], Any]] = None, report: Optional[ReportFn] = None,
+        resume_state_dir: Optional[str] = None, device: Optional[torch.device] = None,
+        num_threads: Optional[int] = None, on_epoch_end: Optional[Callable[[EpochInfo], None]] = None) -> FitResult:
+    """Train ``cfg`` on this process (one DDP rank when a process group exists) and return the result.
+
+    ``report(metrics, checkpoint_dir)`` is called on every rank each epoch, with a checkpoint
+    folder on rank 0 and None elsewhere; the folder is deleted when report returns, so report
+    must persist it synchronously. Without ``report``, fit saves checkpoints itself under
+    ``<storage.path>/<run.name>/checkpoint_<epoch>`` and writes the ``latest``/``best`` pointers.
+    """
+    from raytimm import checkpoint as ckpt
+    from raytimm.config import config_to_dict
+    from raytimm.data.folder import ImageDataset, scan_imagefolder
+    from raytimm.data.transforms import build_eval_transform, build_train_transform, resolve_data_config
+
+    tc = cfg.train
+    rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
+    device = torch.device(device) if device is not None else dist_utils.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    torch.set_num_threads(resolve_num_threads(num_threads, tc.threads))
+    dist_utils.seed_everything(tc.seed, rank)
+    prepare_model = prepare_model or _default_prepare_model
+    prepare_loader = prepare_loader or (lambda loader: loader)
+    if (tc.mixup > 0 or tc.cutmix > 0) and tc.batch_size % 2:
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be even when mixup/cutmix is on")
+
+    # ---- data
+    root = prepare_dataset_root(cfg)
+    scan = scan_imagefolder(root, split_ratio=cfg.data.split_ratio, seed=cfg.data.split_seed,
+                            verify=cfg.data.verify_images, max_pixels=cfg.data.max_image_pixels)
+    class_names = list(scan.class_names)
+    num_classes = len(class_names)
+    if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {root} has {num_classes} classes")
+    if not scan.val:
+        raise DataError(f"{root}: the validation split is empty; add val/ or lower data.split_ratio")
+
+    # ---- resume state (read before building the model: pretrained weights would be overwritten anyway)
+    train_state, resume_meta = None, None
+    if resume_state_dir:
+        resume_meta = ckpt.load_meta(resume_state_dir)
+        train_state = ckpt.load_train_state(resume_state_dir)
+        if list(resume_meta.get("class_names") or []) != class_names:
+            raise ConfigError(f"cannot resume from {resume_state_dir}: its classes {resume_meta.get('class_names')} "
+                              f"differ from the dataset's {class_names}")
+
+    # ---- model
+    model = build_model(cfg.model.name, num_classes=num_classes,
+                        pretrained=cfg.model.pretrained and train_state is None,
+                        pretrained_file=cfg.model.pretrained_file if train_state is None else None,
+                        init_checkpoint=cfg.model.init_checkpoint if train_state is None else None,
+                        drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate,
+                        img_size=cfg.model.img_size, cache_dir=cfg.data.cache_dir)
+    data_config = resolve_data_config(model, cfg.model.img_size)
+    amp_dtype = resolve_amp_dtype(tc.amp, device)
+    channels_last = resolve_channels_last(tc.channels_last, device)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    train_ds = ImageDataset(scan.train, build_train_transform(
+        data_config, rrc=cfg.data.rrc, rrc_scale=tuple(cfg.data.rrc_scale), rrc_ratio=tuple(cfg.data.rrc_ratio),
+        hflip=cfg.data.hflip, color_jitter=cfg.data.color_jitter), max_pixels=cfg.data.max_image_pixels)
+    val_ds = ImageDataset(scan.val, build_eval_transform(data_config), max_pixels=cfg.data.max_image_pixels)
+    train_loader, val_loader, train_sampler = build_loaders(
+        train_ds, val_ds, batch_size=tc.batch_size, eval_batch_size=tc.eval_batch_size or 2 * tc.batch_size,
+        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", seed=tc.seed, world_size=world, rank=rank)
+    updates_per_epoch = math.ceil(len(train_loader) / tc.grad_accum_steps)
+
+    # ---- optimisation
+    optimizer = build_optimizer(model, opt=tc.opt, lr=tc.lr, weight_decay=tc.weight_decay, momentum=tc.momentum)
+    scheduler = build_scheduler(optimizer, sched=tc.sched, epochs=tc.epochs, warmup_epochs=tc.warmup_epochs,
+                                warmup_lr=tc.warmup_lr, min_lr=tc.min_lr, on_updates=tc.sched_on_updates,
+                                updates_per_epoch=updates_per_epoch, mode=cfg.checkpoint.mode)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    train_loss_fn, mixup_fn = build_losses(num_classes=num_classes, label_smoothing=tc.label_smoothing,
+                                           mixup=tc.mixup, cutmix=tc.cutmix, mixup_prob=tc.mixup_prob)
+    # Warmup lets the EMA follow the weights early on; a fixed 0.9998 would barely move in short runs.
+    ema = timm.utils.ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema else None
+
+    state = _State()
+    if train_state is not None:
+        state = _restore(train_state, resume_state_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                         scaler=scaler, ema=ema, epochs=tc.epochs, rank=rank, world=world)
+
+    model = prepare_model(model)
+    if tc.compile:
+        model = torch.compile(model)
+    train_loader = prepare_loader(train_loader)
+    val_loader = prepare_loader(val_loader)
+
+    run_dir = None
+    if report is None and dist_utils.is_main_process():
+        run_dir = ckpt.join_uri(cfg.storage.path, cfg.run.name or _default_run_name(cfg.model.name))
+    meta_base = {"model_name": cfg.model.name, "num_classes": num_classes, "class_names": class_names,
+                 "data_config": data_config, "config": config_to_dict(cfg), "ema": bool(ema)}
+    if dist_utils.is_main_process():
+        log.info("training %s (%d classes) on %d train / %d val images, %d worker(s), device %s",
+                 cfg.model.name, num_classes, len(train_ds), len(val_ds), world, device)
+
+    latest_dir, stopped_early = None, False
+    if tc.patience and state.epochs_without_improvement >= tc.patience:
+        stopped_early = True
+    start_epoch = state.epoch + 1
+    for epoch in range(start_epoch, tc.epochs + 1):
+        if stopped_early:
+            break
+        train_sampler.set_epoch(epoch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        train_stats, state.num_updates = train_one_epoch(
+            model, train_loader, optimizer, train_loss_fn, device, scheduler=scheduler, num_updates=state.num_updates,
+            accum_steps=tc.grad_accum_steps, clip_grad=tc.clip_grad, scaler=scaler, amp_dtype=amp_dtype,
+            channels_last=channels_last, mixup_fn=mixup_fn, ema=ema, desc=f"epoch {epoch}/{tc.epochs}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = time.perf_counter() - t0
+
+        # DDP syncs BatchNorm stats only at the next forward: give every rank rank 0's buffers now,
+        # so validation and the saved weights are the same model on all ranks.
+        dist_utils.broadcast_buffers(unwrap_model(model))
+        eval_model = ema.module if ema is not None else unwrap_model(model)
+        if ema is not None:
+            dist_utils.broadcast_buffers(ema.module)
+        val = evaluate(eval_model, val_loader, device, num_classes=num_classes, amp_dtype=amp_dtype,
+                       channels_last=channels_last, desc=f"val {epoch}/{tc.epochs}")
+
+        metrics = {"train/loss": train_stats["loss"], "train/top1": train_stats["top1"], "val/loss": val["loss"],
+                   "val/top1": val["top1"], "val/top5": val["top5"], "lr": train_stats["lr"],
+                   "throughput": train_stats["count"] / max(train_seconds, 1e-9), "epoch": epoch}
+        value = float(metrics[cfg.checkpoint.metric])
+        is_best = _is_better(value, state.best_value, cfg.checkpoint.mode)
+        if is_best:
+            state.best_value, state.best_epoch, state.best_metrics = value, epoch, dict(metrics)
+            state.best_confusion_matrix = val["confusion_matrix"]
+            state.epochs_without_improvement = 0
+        else:
+            state.epochs_without_improvement += 1
+        state.history.append(dict(metrics))
+        state.epoch = epoch
+        scheduler.step(epoch, value)  # timm: at the end of an epoch, the next epoch's value (no-op per update)
+
+        rng_all = dist_utils.all_gather_object(rng_state())  # each rank's RNG, so a resume restores all of them
+        ckpt_dir = None
+        if dist_utils.is_main_process():
+            print(_summary_line(epoch, tc.epochs, metrics, is_best), flush=True)
+            ckpt_dir = (ckpt.join_uri(run_dir, checkpoint_dir_name(epoch)) if report is None
+                        else tempfile.mkdtemp(prefix="raytimm-ckpt-"))
+            meta = dict(meta_base, epoch=epoch, metrics=metrics, confusion_matrix=val["confusion_matrix"],
+                        per_class=per_class_accuracy(val["confusion_matrix"], class_names),
+                        best_epoch=state.best_epoch, history=state.history)
+            weights = ema.module.state_dict() if ema is not None else unwrap_model(model).state_dict()
+            ckpt.save_checkpoint(ckpt_dir, model_state=weights, meta=meta, train_state=_train_state(
+                state, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema,
+                epochs=tc.epochs, rng=rng_all, class_names=class_names))
+        if report is not None:
+            try:
+                report(metrics, ckpt_dir)
+            finally:
+                if ckpt_dir:
+                    shutil.rmtree(ckpt_dir, ignore_errors=True)
+        elif ckpt_dir:
+            latest_dir = ckpt_dir
+            ckpt.write_latest_pointer(run_dir, ckpt_dir, metrics)
+            if is_best:
+                ckpt.write_best_pointer(run_dir, ckpt_dir, metrics)
+            if not ckpt.is_remote_uri(run_dir):
+                _prune_local_checkpoints(run_dir, state.history, metric=cfg.checkpoint.metric,
+                                         mode=cfg.checkpoint.mode, keep=cfg.checkpoint.num_to_keep, latest_epoch=epoch)
+        if on_epoch_end is not None:
+            on_epoch_end(EpochInfo(epoch=epoch, metrics=metrics, is_best=is_best,
+                                   confusion_matrix=val["confusion_matrix"], class_names=class_names,
+                                   checkpoint_dir=ckpt_dir if report is None else None))
+        _maybe_crash_for_test(epoch)
+        if tc.patience and state.epochs_without_improvement >= tc.patience:
+            stopped_early = True
+            if dist_utils.is_main_process():
+                print(f"early stop: {cfg.checkpoint.metric} did not improve for {tc.patience} epoch(s); "
+                      f"best {state.best_value:.4f} at epoch {state.best_epoch}", flush=True)
+
+    best_ckpt = None
+    if run_dir is not None and state.best_epoch:
+        best_ckpt = ckpt.join_uri(run_dir, checkpoint_dir_name(state.best_epoch))
+        if ckpt.is_complete(best_ckpt):
+            ckpt.write_best_pointer(run_dir, best_ckpt, state.best_metrics)  # pointer only after a complete save
+        else:
+            best_ckpt = None
+    cm = state.best_confusion_matrix
+    return FitResult(best_metrics=state.best_metrics, best_epoch=state.best_epoch, history=state.history,
+                     last_epoch=state.epoch, stopped_early=stopped_early, class_names=class_names,
+                     confusion_matrix=cm, per_class=per_class_accuracy(cm, class_names) if cm else [],
+                     run_dir=run_dir, best_checkpoint=best_ckpt,
+                     latest_checkpoint=latest_dir or (ckpt.read_pointer(run_dir, "latest") if run_dir else None))
+
+
+def _train_state(state: _State, *, model, optimizer, scheduler, scaler, ema, epochs: int, rng: list,
+                 class_names: list[str]) -> dict:
+    """train_state.pt content: only tensors and plain containers, so torch.load(weights_only=True) reads it."""
+    return {
+        "epoch": state.epoch, "num_updates": state.num_updates, "epochs_total": epochs,
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        # With EMA on, model.safetensors holds the EMA weights; the raw weights are needed to resume.
+        "model": unwrap_model(model).state_dict() if ema is not None else None,
+        "rng": rng, "best_value": state.best_value, "best_epoch": state.best_epoch,
+        "best_metrics": state.best_metrics, "best_confusion_matrix": state.best_confusion_matrix,
+        "history": state.history, "epochs_without_improvement": state.epochs_without_improvement,
+        "class_names": class_names,
+    }
+
+
+def _restore(ts: dict, ckpt_dir: str, *, model, optimizer, scheduler, scaler, ema, epochs: int, rank: int,
+             world: int) -> _State:
+    """Load a checkpoint's weights and train state into the freshly built objects; returns the loop state."""
+    from raytimm import checkpoint as ckpt
+
+    raw = ts.get("model")
+    if raw is None:
+        raw = ckpt.load_model_state(ckpt_dir)  # EMA was off: model.safetensors holds the training weights
+    unwrap_model(model).load_state_dict(raw)
+    optimizer.load_state_dict(ts["optimizer"])
+    if ts.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(ts["scaler"])
+    if ema is not None:
+        if ts.get("ema") is not None:
+            ema.load_state_dict(ts["ema"])
+        else:  # EMA switched on at resume: start it from the current weights
+            ema.set(unwrap_model(model))
+    epoch, num_updates = int(ts["epoch"]), int(ts.get("num_updates", 0))
+    if int(ts.get("epochs_total", epochs)) == epochs:
+        scheduler.load_state_dict(ts["scheduler"])
+    else:
+        log.info("train.epochs changed from %s to %s: the lr schedule is rebuilt for the new length",
+                 ts.get("epochs_total"), epochs)
+    if not isinstance(scheduler, timm.scheduler.PlateauLRScheduler):
+        # timm schedulers are functions of (epoch, update): put the optimizer's lr where the run left off.
+        # (Plateau depends on past metrics instead; its loaded state and the optimizer's lr carry that.)
+        scheduler.step(epoch)
+        scheduler.step_update(num_updates=num_updates)
+    rng = ts.get("rng") or []
+    if len(rng) == world:
+        set_rng_state(rng[rank])
+    else:
+        dist_utils.seed_everything(int(epoch) * 1000 + rank, rank)  # a different world size: fresh, distinct seeds
+    log.info("resumed from %s at epoch %d", ckpt_dir, epoch)
+    return _State(epoch=epoch, num_updates=num_updates, best_value=ts.get("best_value"),
+                  best_epoch=int(ts.get("best_epoch", 0)), best_metrics=dict(ts.get("best_metrics") or {}),
+                  best_confusion_matrix=ts.get("best_confusion_matrix"), history=list(ts.get("history") or []),
+                  epochs_without_improvement=int(ts.get("epochs_without_improvement", 0)))

@@ -1,0 +1,226 @@
+"""engine.fit in one process (no Ray): checkpoints, meta.json, resume, EMA, accumulation, mixup, early stop."""
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from raytimm import checkpoint as ckpt
+from raytimm.config import config_from_dict
+from raytimm.engine import METRIC_KEYS, evaluate, fit
+from raytimm.model import build_model
+
+CLASSES = 3
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    from raytimm.data.demo import make_demo_dataset
+
+    # 3 classes x 12 images at 32 px: 9 train + 3 val per class.
+    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", classes=CLASSES, per_class=12, size=32)
+
+
+def make_cfg(data_path, storage_path, **train):
+    """A tiny, deterministic config: no random augmentation, so resumed runs can be compared exactly."""
+    t = dict(epochs=2, batch_size=8, lr=0.01, warmup_epochs=0, seed=0, threads=1)
+    t.update(train)
+    return config_from_dict({
+        "data": {"path": str(data_path), "num_workers": 0, "rrc": False, "hflip": 0.0, "color_jitter": 0.0},
+        "model": {"name": "test_resnet", "img_size": 32},
+        "train": t,
+        "storage": {"path": str(storage_path)},
+        "run": {"name": "run"},
+        "mlflow": {"enabled": False},
+    })
+
+
+def reevaluate(checkpoint_dir, data_root) -> dict:
+    """Evaluate a saved checkpoint alone, through the same eval transform, on the val split."""
+    from torch.utils.data import DataLoader
+
+    from raytimm.data.folder import ImageDataset, scan_imagefolder
+    from raytimm.data.transforms import build_eval_transform
+
+    meta = ckpt.load_meta(checkpoint_dir)
+    model = build_model(meta["model_name"], num_classes=meta["num_classes"])
+    model.load_state_dict(ckpt.load_model_state(checkpoint_dir))
+    scan = scan_imagefolder(data_root)
+    ds = ImageDataset(scan.val, build_eval_transform(meta["data_config"]))
+    return evaluate(model, DataLoader(ds, batch_size=5), torch.device("cpu"), num_classes=meta["num_classes"])
+
+
+@pytest.fixture(scope="module")
+def two_epochs(demo_root, tmp_path_factory):
+    """One uninterrupted 2-epoch run, shared by several tests."""
+    storage = tmp_path_factory.mktemp("runs")
+    result = fit(make_cfg(demo_root, storage))
+    return result, storage / "run"
+
+
+def test_fit_metrics_and_result(two_epochs):
+    result, _ = two_epochs
+    assert result.last_epoch == 2 and not result.stopped_early
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    for h in result.history:
+        assert set(h) == set(METRIC_KEYS)
+        assert all(math.isfinite(float(v)) for v in h.values())
+        for k in ("train/top1", "val/top1", "val/top5"):
+            assert 0.0 <= h[k] <= 100.0
+        assert h["val/top5"] == 100.0  # 3 classes: top-5 is top-3, always a hit
+        assert h["throughput"] > 0 and h["lr"] > 0
+    best = max(result.history, key=lambda h: h["val/top1"])
+    assert result.best_metrics["val/top1"] == best["val/top1"]
+    assert result.class_names == ["circle_red", "square_blue", "triangle_green"]
+    cm = result.confusion_matrix
+    assert len(cm) == CLASSES and sum(map(sum, cm)) == 9  # every val image exactly once
+    assert [p["support"] for p in result.per_class] == [3, 3, 3]
+
+
+def test_checkpoint_files_meta_and_pointers(two_epochs, demo_root):
+    result, run_dir = two_epochs
+    for epoch in (1, 2):
+        d = run_dir / f"checkpoint_{epoch:06d}"
+        assert {p.name for p in d.iterdir()} == {"model.safetensors", "meta.json", "train_state.pt"}
+    meta = ckpt.load_meta(run_dir / "checkpoint_000002")
+    assert meta["model_name"] == "test_resnet" and meta["num_classes"] == CLASSES
+    assert meta["class_names"] == result.class_names and meta["epoch"] == 2
+    assert meta["metrics"] == result.history[1]
+    assert meta["data_config"]["input_size"] == [3, 32, 32]
+    assert {"mean", "std", "interpolation", "crop_pct"} <= set(meta["data_config"])
+    assert meta["config"]["train"]["epochs"] == 2 and meta["config"]["data"]["path"] == str(demo_root)
+    assert set(meta["versions"]) >= {"raytimm", "timm", "torch"}
+    assert len(meta["history"]) == 2 and len(meta["confusion_matrix"]) == CLASSES
+    state = ckpt.load_train_state(run_dir / "checkpoint_000002")  # weights_only=True
+    assert state["epoch"] == 2 and state["optimizer"]["state"] and len(state["rng"]) == 1
+    assert ckpt.read_best_pointer(str(run_dir)) == str(run_dir / f"checkpoint_{result.best_epoch:06d}")
+    assert result.best_checkpoint == str(run_dir / f"checkpoint_{result.best_epoch:06d}")
+    assert ckpt.read_pointer(str(run_dir), "latest") == str(run_dir / "checkpoint_000002")
+
+
+def test_saved_best_reevaluates_to_reported_metrics(two_epochs, demo_root):
+    result, _ = two_epochs
+    alone = reevaluate(result.best_checkpoint, demo_root)
+    assert alone["num_samples"] == 9
+    assert alone["top1"] == pytest.approx(result.best_metrics["val/top1"])
+    assert alone["loss"] == pytest.approx(result.best_metrics["val/loss"], rel=1e-4)
+
+
+def test_resume_adds_epochs(demo_root, tmp_path):
+    first = fit(make_cfg(demo_root, tmp_path, epochs=1))
+    assert [h["epoch"] for h in first.history] == [1]
+    ran = []
+    resumed = fit(make_cfg(demo_root, tmp_path, epochs=2), resume_state_dir=str(tmp_path / "run" / "checkpoint_000001"),
+                  on_epoch_end=lambda info: ran.append(info.epoch))
+    assert ran == [2]  # only the added epoch runs
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert resumed.history[0] == first.history[0]
+    assert ckpt.load_train_state(tmp_path / "run" / "checkpoint_000002")["epoch"] == 2
+
+    # Resuming a finished run trains nothing and returns its stored result.
+    ran.clear()
+    again = fit(make_cfg(demo_root, tmp_path, epochs=2), resume_state_dir=str(tmp_path / "run" / "checkpoint_000002"),
+                on_epoch_end=lambda info: ran.append(info.epoch))
+    assert ran == [] and again.last_epoch == 2 and len(again.history) == 2
+
+
+def test_resume_matches_uninterrupted_run(two_epochs, demo_root, tmp_path):
+    full, full_dir = two_epochs
+    resumed = fit(make_cfg(demo_root, tmp_path), resume_state_dir=str(full_dir / "checkpoint_000001"))
+    # Model, optimizer, scheduler, sampler order and RNG were all restored: same weights as one 2-epoch run.
+    a = ckpt.load_model_state(full_dir / "checkpoint_000002")
+    b = ckpt.load_model_state(tmp_path / "run" / "checkpoint_000002")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert resumed.history[1]["lr"] == pytest.approx(full.history[1]["lr"])
+    assert resumed.history[1]["train/loss"] == pytest.approx(full.history[1]["train/loss"], rel=1e-5)
+    assert resumed.history[1]["val/top1"] == pytest.approx(full.history[1]["val/top1"])
+
+
+def test_ema_and_accumulation_save_ema_weights(demo_root, tmp_path):
+    result = fit(make_cfg(demo_root, tmp_path, epochs=1, ema=True, ema_decay=0.9, grad_accum_steps=2, clip_grad=1.0))
+    d = tmp_path / "run" / "checkpoint_000001"
+    saved = ckpt.load_model_state(d)
+    state = ckpt.load_train_state(d)
+    # 27 train images, batch 8, drop_last -> 3 micro-batches -> 2 optimizer updates (2 + a short 1).
+    assert state["num_updates"] == 2
+    assert ckpt.load_meta(d)["ema"] is True
+    ema = {k[len("module."):]: v for k, v in state["ema"].items()}
+    raw = state["model"]
+    for k in saved:
+        assert torch.equal(saved[k], ema[k]), k
+    assert any(not torch.equal(saved[k], raw[k]) for k in saved if saved[k].is_floating_point())
+    # The validated weights are the saved (EMA) ones.
+    assert reevaluate(d, demo_root)["top1"] == pytest.approx(result.history[0]["val/top1"])
+
+
+def test_mixup_cutmix_path(demo_root, tmp_path):
+    result = fit(make_cfg(demo_root, tmp_path, epochs=1, mixup=0.8, cutmix=1.0, mixup_prob=1.0))
+    assert math.isfinite(result.history[0]["train/loss"])
+
+
+def test_report_callback_gets_complete_checkpoint_and_nothing_is_written(demo_root, tmp_path):
+    seen = []
+
+    def report(metrics, checkpoint_dir):
+        seen.append((dict(metrics), checkpoint_dir, sorted(os.listdir(checkpoint_dir))))
+
+    result = fit(make_cfg(demo_root, tmp_path / "runs"), report=report)
+    assert [m["epoch"] for m, _, _ in seen] == [1, 2]
+    assert all(files == ["meta.json", "model.safetensors", "train_state.pt"] for _, _, files in seen)
+    assert not any(os.path.exists(d) for _, d, _ in seen)  # temp folders are cleaned after report
+    assert not (tmp_path / "runs").exists() and result.run_dir is None
+
+
+def test_early_stopping_on_patience(demo_root, tmp_path):
+    # A learning rate too small to change any prediction: val/top1 never improves after epoch 1.
+    cfg = make_cfg(demo_root, tmp_path, epochs=6, lr=1e-12, patience=2, warmup_lr=1e-12, min_lr=1e-12)
+    cfg.model.name = "test_vit"  # LayerNorm only: no BatchNorm statistics drift in train mode
+    result = fit(cfg)
+    assert result.stopped_early and result.last_epoch == 3 and result.best_epoch == 1
+
+
+def test_summary_line_on_stdout(demo_root, tmp_path, capsys):
+    fit(make_cfg(demo_root, tmp_path, epochs=1))
+    out = capsys.readouterr().out
+    assert "epoch 1/1  train/loss" in out and "val/top1" in out and "img/s" in out
+
+
+def test_crash_hook_then_resume(demo_root, tmp_path):
+    """The test-only fault hook kills the process after epoch 1 once; a rerun from the checkpoint finishes."""
+    marker = tmp_path / "crashed"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_engine import make_cfg
+        from raytimm.engine import fit
+        resume = sys.argv[1] if len(sys.argv) > 1 else None
+        r = fit(make_cfg({str(demo_root)!r}, {str(tmp_path)!r}, epochs=2), resume_state_dir=resume)
+        print("EPOCHS", [h["epoch"] for h in r.history])
+    """)
+    env = dict(os.environ, RAYTIMM_TEST_CRASH_AT_EPOCH="1", RAYTIMM_TEST_CRASH_MARKER=str(marker))
+    first = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 1 and marker.exists(), first.stderr[-2000:]
+    assert (tmp_path / "run" / "checkpoint_000001" / "meta.json").exists()
+    assert not (tmp_path / "run" / "checkpoint_000002").exists()
+    second = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run" / "checkpoint_000001")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "EPOCHS [1, 2]" in second.stdout
+
+
+def test_dice_dataset(tmp_path):
+    from raytimm.data.demo import make_demo_dice
+
+    src = make_demo_dice(tmp_path / "dice", classes=CLASSES, per_class=12, size=32)
+    cfg = make_cfg(src, tmp_path / "runs", epochs=1)
+    cfg.data.format = "dice"
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    result = fit(cfg)
+    assert len(result.class_names) == CLASSES and sum(map(sum, result.confusion_matrix)) > 0
+    assert list((tmp_path / "cache" / "dice").iterdir())  # converted once into the cache
