@@ -93,9 +93,13 @@ def train_loop_per_worker(config: dict) -> None:
                                       endpoint_url=cfg.storage.endpoint_url)
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
 
+    run_dir = storage.join(cfg.storage.path, cfg.run.name)
+    upload_fn = _bucket_upload_fn(run_dir) if storage.is_remote(cfg.storage.path) else None
+
     def report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
         ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{int(metrics['epoch']):06d}")
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{int(metrics['epoch']):06d}",
+                         checkpoint_upload_fn=upload_fn if ckpt else None)
 
     with tempfile.TemporaryDirectory(prefix="raytimm-resume-") as tmp:
         resume_dir = None
@@ -111,6 +115,24 @@ def train_loop_per_worker(config: dict) -> None:
             device=ray.train.torch.get_device(),
             num_threads=cfg.train.threads or cpus,
         )
+
+
+def _bucket_upload_fn(run_dir: str):
+    """Upload checkpoints with boto3 (fixed-size multipart parts), not pyarrow's copy_files.
+
+    R2 needs equal-sized parts and pyarrow's S3 multipart upload has failed against it
+    (apache/arrow#34363); storage.upload is the path we can reason about. meta.json goes
+    last, so a folder with meta.json and the weights is a complete checkpoint.
+    """
+    def upload(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
+        dest = storage.join(run_dir, dir_name)
+        names = sorted(os.listdir(checkpoint.path), key=lambda n: (n == "meta.json", n))
+        for name in names:
+            storage.upload(os.path.join(checkpoint.path, name), storage.join(dest, name))
+        fs, fs_path = storage.get_filesystem(dest)
+        return Checkpoint(path=fs_path, filesystem=fs)
+
+    return upload
 
 
 # ------------------------------------------------------------------ controller side
