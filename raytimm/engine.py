@@ -80,6 +80,7 @@ class EpochInfo:
     confusion_matrix: list[list[int]]
     class_names: list[str]
     checkpoint_dir: Optional[str]  # only when fit saves checkpoints itself (report=None)
+    model: Optional[nn.Module] = None  # the validated (and saved) module: the EMA one when EMA is on
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
@@ -235,13 +236,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn, device: torch.
                     num_updates: int, accum_steps: int = 1, clip_grad: Optional[float] = None,
                     scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: Optional[torch.dtype] = None,
                     channels_last: bool = False, mixup_fn=None, ema=None, desc: str = "train") -> tuple[dict, int]:
-    """One pass over ``loader``; returns ({loss, top1, count, lr} summed over ranks, num_updates)."""
+    """One pass over ``loader``; returns ({loss, top1, count, throughput, lr} over all ranks, num_updates)."""
     model.train()
+    t0 = time.perf_counter()
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     num_batches = len(loader)
     # The last accumulation group may be shorter; divide its losses by its real size.
     full_groups_end = (num_batches // accum_steps) * accum_steps
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss * n, correct, n, seconds
     lr = _mean_lr(optimizer)
     optimizer.zero_grad(set_to_none=True)
     for i, (images, targets) in enumerate(_progress(loader, total=num_batches, desc=desc)):
@@ -279,10 +281,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn, device: torch.
         sums[0] += loss.detach().double() * n
         sums[1] += (output.detach().argmax(dim=-1) == hard_targets).sum()
         sums[2] += n
-    dist_utils.all_reduce_sum(sums)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # GPU work is asynchronous: wait for it before reading the clock
+    sums[3] = time.perf_counter() - t0
+    dist_utils.all_reduce_sum(sums)  # one collective for all sums, so every rank reports the same numbers
     count = max(float(sums[2]), 1.0)
+    mean_seconds = float(sums[3]) / dist_utils.get_world_size()
     return {"loss": float(sums[0]) / count, "top1": 100.0 * float(sums[1]) / count, "count": int(sums[2]),
-            "lr": lr}, num_updates
+            "throughput": float(sums[2]) / max(mean_seconds, 1e-9), "lr": lr}, num_updates
 
 
 @torch.no_grad()
@@ -491,7 +497,10 @@ def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None
                         init_checkpoint=cfg.model.init_checkpoint if train_state is None else None,
                         drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate,
                         img_size=cfg.model.img_size, cache_dir=cfg.data.cache_dir)
+    # Train at the model's train size; validate (and serve, from meta.json) with the eval config,
+    # which uses the model's test-time size where it has one: timm's inference convention.
     data_config = resolve_data_config(model, cfg.model.img_size)
+    train_data_config = resolve_data_config(model, cfg.model.img_size, use_test_size=False)
     amp_dtype = resolve_amp_dtype(tc.amp, device)
     channels_last = resolve_channels_last(tc.channels_last, device)
     model.to(device)
@@ -499,8 +508,9 @@ def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None
         model.to(memory_format=torch.channels_last)
 
     train_ds = ImageDataset(scan.train, build_train_transform(
-        data_config, rrc=cfg.data.rrc, rrc_scale=tuple(cfg.data.rrc_scale), rrc_ratio=tuple(cfg.data.rrc_ratio),
-        hflip=cfg.data.hflip, color_jitter=cfg.data.color_jitter), max_pixels=cfg.data.max_image_pixels)
+        train_data_config, rrc=cfg.data.rrc, rrc_scale=tuple(cfg.data.rrc_scale), rrc_ratio=tuple(cfg.data.rrc_ratio),
+        hflip=cfg.data.hflip, color_jitter=cfg.data.color_jitter, seed=tc.seed + rank),
+        max_pixels=cfg.data.max_image_pixels)
     val_ds = ImageDataset(scan.val, build_eval_transform(data_config), max_pixels=cfg.data.max_image_pixels)
     train_loader, val_loader, train_sampler = build_loaders(
         train_ds, val_ds, batch_size=tc.batch_size, eval_batch_size=tc.eval_batch_size or 2 * tc.batch_size,
@@ -546,17 +556,10 @@ def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None
         if stopped_early:
             break
         train_sampler.set_epoch(epoch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
         train_stats, state.num_updates = train_one_epoch(
             model, train_loader, optimizer, train_loss_fn, device, scheduler=scheduler, num_updates=state.num_updates,
             accum_steps=tc.grad_accum_steps, clip_grad=tc.clip_grad, scaler=scaler, amp_dtype=amp_dtype,
             channels_last=channels_last, mixup_fn=mixup_fn, ema=ema, desc=f"epoch {epoch}/{tc.epochs}")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_seconds = time.perf_counter() - t0
-
         # DDP syncs BatchNorm stats only at the next forward: give every rank rank 0's buffers now,
         # so validation and the saved weights are the same model on all ranks.
         dist_utils.broadcast_buffers(unwrap_model(model))
@@ -568,7 +571,7 @@ def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None
 
         metrics = {"train/loss": train_stats["loss"], "train/top1": train_stats["top1"], "val/loss": val["loss"],
                    "val/top1": val["top1"], "val/top5": val["top5"], "lr": train_stats["lr"],
-                   "throughput": train_stats["count"] / max(train_seconds, 1e-9), "epoch": epoch}
+                   "throughput": train_stats["throughput"], "epoch": epoch}
         value = float(metrics[cfg.checkpoint.metric])
         is_best = _is_better(value, state.best_value, cfg.checkpoint.mode)
         if is_best:
@@ -611,7 +614,7 @@ def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None
         if on_epoch_end is not None:
             on_epoch_end(EpochInfo(epoch=epoch, metrics=metrics, is_best=is_best,
                                    confusion_matrix=val["confusion_matrix"], class_names=class_names,
-                                   checkpoint_dir=ckpt_dir if report is None else None))
+                                   checkpoint_dir=ckpt_dir if report is None else None, model=eval_model))
         _maybe_crash_for_test(epoch)
         if tc.patience and state.epochs_without_improvement >= tc.patience:
             stopped_early = True

@@ -71,6 +71,53 @@ def two_rank_results(tmp_path_factory):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
+def _fit_worker(rank: int, world: int, port: int, data_root: str, out_dir: str) -> None:
+    """engine.fit on one of 2 gloo ranks with the default DDP wrapping (as under torchrun)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from raytimm.config import config_from_dict
+        from raytimm.engine import fit
+
+        cfg = config_from_dict({
+            "data": {"path": data_root, "num_workers": 0, "rrc": False, "hflip": 0.0, "color_jitter": 0.0},
+            "model": {"name": "test_resnet", "img_size": 32},
+            # accumulation exercises DDP no_sync; EMA exercises the second set of buffers to sync.
+            "train": {"epochs": 2, "batch_size": 4, "lr": 0.01, "threads": 1, "grad_accum_steps": 2, "ema": True,
+                      "ema_decay": 0.9},
+            "storage": {"path": os.path.join(out_dir, "runs")},
+            "run": {"name": "ddp"},
+            "mlflow": {"enabled": False},
+        })
+        saved = {}
+
+        def on_epoch_end(info):
+            saved["state"] = {k: v.clone() for k, v in info.model.state_dict().items()}
+
+        result = fit(cfg, num_threads=1, on_epoch_end=on_epoch_end)
+        torch.save({"state": saved["state"], "history": result.history, "cm": result.confusion_matrix,
+                    "best_checkpoint": result.best_checkpoint}, os.path.join(out_dir, f"fit{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fit_on_two_ranks_keeps_ranks_identical_and_counts_val_once(tmp_path):
+    from raytimm import checkpoint as ckpt
+    from raytimm.data.demo import make_demo_dataset
+
+    root = make_demo_dataset(tmp_path / "data", classes=3, per_class=12, size=32)  # 9 val images: odd
+    mp.spawn(_fit_worker, args=(2, _free_port(), root, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"fit{r}.pt", weights_only=True) for r in range(2))
+    for k, v in r0["state"].items():  # parameters and BatchNorm buffers alike
+        assert torch.equal(v, r1["state"][k]), k
+    assert r0["history"] == r1["history"] and [h["epoch"] for h in r0["history"]] == [1, 2]
+    assert sum(map(sum, r0["cm"])) == 9
+    assert r1["best_checkpoint"] is None  # only rank 0 writes
+    best = r0["best_checkpoint"]
+    assert ckpt.load_meta(best)["metrics"]["val/top1"] == max(h["val/top1"] for h in r0["history"])
+
+
 def test_outside_a_process_group():
     assert (du.get_rank(), du.get_world_size(), du.is_main_process()) == (0, 1, True)
     t = torch.tensor([2.0])
