@@ -110,10 +110,10 @@ def render_shape(class_index: int, size: int, rng: np.random.Generator) -> tuple
     """Draw one image of a class; return it with the shape's bounding box [x0, y0, x1, y1]."""
     shape, _, colour = _CLASSES[class_index]
     # Light, slightly tinted background with pixel noise: colour alone is a strong cue, shape a second one.
-    base = rng.integers(170, 235, size=3)
+    base = rng.integers(165, 235) + rng.integers(-12, 13, size=3)
     background = base[None, None, :] + rng.normal(0, 10, size=(size, size, 3))
     image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8), "RGB")
-    extent = size * rng.uniform(0.45, 0.75)  # shape's bounding-box side
+    extent = size * rng.uniform(0.5, 0.8)  # shape's bounding-box side
     cx, cy = (rng.uniform(extent / 2, size - extent / 2) for _ in range(2))
     jitter = rng.integers(-20, 21, size=3)
     fill = tuple(int(v) for v in np.clip(np.array(colour) + jitter, 0, 255))
