@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a deterministic synthetic dataset that a tiny model learns in seconds.")
     s.add_argument("--output", required=True, help="folder to create")
     s.add_argument("--classes", type=int, default=4, help="number of classes (default 4, max 10)")
-    s.add_argument("--per-class", type=int, default=40, help="images per class (default 40)")
+    s.add_argument("--per-class", type=int, default=64, help="images per class (default 64)")
     s.add_argument("--size", type=int, default=48, help="image side in pixels (default 48)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--format", choices=["imagefolder", "dice"], default="imagefolder",
@@ -243,9 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
     if not verbose:
-        from raytimm.logs import quiet_third_party
+        from raytimm.logs import filter_std_streams, quiet_third_party
 
         quiet_third_party()
+        filter_std_streams()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

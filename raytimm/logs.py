@@ -16,6 +16,8 @@ NOISE_PATTERNS = [
     # Train V2 logs this at error level on every run; the watcher works regardless.
     re.compile(r"PreemptionWatcher.*constructor arguments in the object store"),
     re.compile(r"has constructor arguments in the object store"),
+    # Train V2 logs each worker's report at INFO; the epoch summary line already says it.
+    re.compile(r"Reporting training result \d+: TrainingReport"),
     re.compile(r"Tip: to disable this warning"),
     re.compile(r"The `RunConfig` was not"),
     re.compile(r"Ray Train V2 migration"),
@@ -50,6 +52,8 @@ QUIET_ENV = {
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "GIT_PYTHON_REFRESH": "quiet",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # Train V2 reroutes print() in workers through the root logger, which shows each line twice.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
 
@@ -67,6 +71,48 @@ class NoiseFilter(logging.Filter):
 def is_noise(line: str) -> bool:
     """True for a line that is known Ray noise (used when relaying worker output)."""
     return any(p.search(line) for p in NOISE_PATTERNS)
+
+
+class _FilteredStream:
+    """A text stream proxy that drops whole lines matching NOISE_PATTERNS.
+
+    Ray relays worker and controller output (including C++ core-worker lines that no Python
+    logger sees) to the driver's stdout/stderr one line at a time; this is the only place
+    those can be filtered.
+    """
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._buf = ""
+
+    def write(self, s: str) -> int:
+        self._buf += s
+        if "\n" not in self._buf:
+            return len(s)
+        *lines, self._buf = self._buf.split("\n")
+        kept = [ln for ln in lines if not is_noise(ln)]
+        if kept:
+            self._stream.write("\n".join(kept) + "\n")
+        return len(s)
+
+    def flush(self) -> None:
+        if self._buf and not is_noise(self._buf):
+            self._stream.write(self._buf)
+            self._buf = ""
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def filter_std_streams() -> None:
+    """Drop known Ray noise lines from this process's stdout and stderr."""
+    import sys
+
+    if not isinstance(sys.stdout, _FilteredStream):
+        sys.stdout = _FilteredStream(sys.stdout)
+    if not isinstance(sys.stderr, _FilteredStream):
+        sys.stderr = _FilteredStream(sys.stderr)
 
 
 def quiet_env() -> None:

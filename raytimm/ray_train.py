@@ -25,6 +25,7 @@ quiet_env()  # before `import ray`, so workers inherit the quiet defaults
 import ray  # noqa: E402
 import ray.train  # noqa: E402
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
+from ray.train import LoggingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
 from raytimm import storage  # noqa: E402
@@ -38,7 +39,7 @@ log = logging.getLogger("raytimm.train")
 FORWARDED_ENV = (
     "RAYTIMM_WEIGHTS_DIR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "R2_ACCOUNT_ID",
     "R2_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "RAYTIMM_TEST_CRASH_AT_EPOCH", "RAYTIMM_TEST_CRASH_MARKER",
-    "TQDM_DISABLE",
+    "TQDM_DISABLE", "RAY_TRAIN_ENABLE_PRINT_PATCH",
 )
 
 
@@ -70,6 +71,10 @@ def init_ray(*, num_cpus: Optional[int] = None, include_dashboard: Optional[bool
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, **kwargs)
+
+
+def _verbose() -> bool:
+    return logging.getLogger("raytimm").getEffectiveLevel() <= logging.DEBUG
 
 
 def worker_env() -> dict[str, str]:
@@ -296,6 +301,8 @@ def build_trainer(cfg: Config, *, run_name: str, callbacks: list) -> TorchTraine
         failure_config=FailureConfig(max_failures=cfg.run.max_failures),
         callbacks=callbacks,
         worker_runtime_env={"env_vars": worker_env()},
+        # Ray Train's own INFO lines (worker group set-up, every report) are not actionable.
+        logging_config=LoggingConfig(log_level="DEBUG" if _verbose() else "WARNING"),
     )
     return TorchTrainer(train_loop_per_worker, train_loop_config={"cfg": config_to_dict(cfg)},
                         scaling_config=_scaling(cfg), run_config=run_config)
