@@ -297,7 +297,7 @@ class ModelServer:
             return {"loaded": False, "reload_error": self._reload_error}
         meta = self._predictor.metadata()
         meta.update(loaded=True, requested_checkpoint=(self._spec or {}).get("checkpoint"),
-                    loaded_at=self._loaded_at, reload_error=self._reload_error)
+                    loaded_at=self._loaded_at, reload_error=self._reload_error, replica=_replica_id())
         return meta
 
     async def predict(self, images: list, top_k: int) -> dict:
@@ -333,6 +333,13 @@ class ModelServer:
             for i, r in zip(idx, results):
                 out[i] = r
         return out
+
+
+def _replica_id() -> Optional[str]:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - informational only
+        return None
 
 
 def _assigned_cpus() -> int:
@@ -597,6 +604,36 @@ class ServeArgs(BaseModel):
         return list(v)
 
 
+def _code_version(*parts: Any) -> str:
+    """A deployment version that stays the same across redeploys of the same code and init arguments.
+
+    serve.run gives every deployment a random version, so each redeploy restarts replicas. With a
+    stable version, a redeploy that changes only user_config (the checkpoint) calls reconfigure()
+    on the running replicas instead: the in-place hot reload. (`serve deploy` computes its own.)
+    """
+    import hashlib
+
+    import raytimm
+    h = hashlib.sha256(raytimm.__version__.encode())
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in ("serve.py", "predict.py", "checkpoint.py", "model.py"):
+        try:
+            with open(os.path.join(here, name), "rb") as f:
+                h.update(f.read())
+        except OSError:
+            pass
+    for part in parts:
+        h.update(repr(part).encode())
+    return h.hexdigest()[:16]
+
+
+def _with_version(deployment, version: str):
+    try:
+        return deployment.options(version=version, _internal=True)
+    except (TypeError, ValueError):  # Serve API moved: redeploys then restart replicas (still no failed requests)
+        return deployment
+
+
 def build_app(args: ServeArgs):
     """Typed Serve app builder: Ingress(FastAPI) bound to a ModelServer loaded from ``args.checkpoint``."""
     from raytimm import checkpoint as ckpt
@@ -622,16 +659,20 @@ def build_app(args: ServeArgs):
         model_opts["autoscaling_config"] = args.autoscaling
     else:
         model_opts["num_replicas"] = args.replicas
-    model = ModelServer.options(**model_opts).bind(
-        weights_dir=weights_dir, max_models=args.max_models,
-        num_threads=max(1, int(round(args.num_cpus))) if args.num_cpus else None)
-    ingress = Ingress.options(
+    model_kwargs = dict(weights_dir=weights_dir, max_models=args.max_models,
+                        num_threads=max(1, int(round(args.num_cpus))) if args.num_cpus else None)
+    model = _with_version(ModelServer.options(**model_opts), _code_version("model", model_kwargs))
+    model = model.bind(**model_kwargs)
+    token = _read_token()
+    # The token is folded into a hash so a changed token restarts the ingress; it is never stored in clear.
+    ingress = _with_version(Ingress, _code_version("ingress", token.get()))
+    ingress = ingress.options(
         num_replicas=args.ingress_replicas,
         ray_actor_options={"num_cpus": args.ingress_num_cpus, "runtime_env": {"env_vars": env}},
         user_config={"allow": allow, "max_upload_mb": args.max_upload_mb, "max_pixels": args.max_pixels},
         max_ongoing_requests=256,
     )
-    return ingress.bind(model, _read_token())
+    return ingress.bind(model, token)
 
 
 def deploy(args: ServeArgs, *, blocking: bool = False):
