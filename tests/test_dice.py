@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from raytimm.data.demo import make_demo_dice
 from raytimm.data.dice import MANIFEST_NAME, _dest_name, convert_dice, ensure_dice_converted
 from raytimm.data.folder import scan_imagefolder
 from raytimm.errors import ConfigError, DataError
@@ -156,6 +155,18 @@ def test_manifest_records_split_class_and_hash(hostile, tmp_path):
     assert entry["sha256"] == hashlib.sha256((hostile / "images" / "cat_00.png").read_bytes()).hexdigest()
     assert (out / entry["file"]).is_file()
     assert entry["file"].startswith(f"{entry['split']}/cat/")
+
+
+def test_links_that_stay_inside_images_are_followed(tmp_path):
+    root = tmp_path / "dice"
+    _labelled(root, "cat", 2)
+    os.symlink(root / "images" / "cat_00.png", root / "images" / "alias.png")
+    os.symlink("cat_01.png", root / "images" / "relative_alias.png")
+    _annotate(root, "alias", "alias.png", "cat")
+    _annotate(root, "relative_alias", "relative_alias.png", "cat")
+    summary = convert_dice(root, tmp_path / "out", log=lambda m: None)
+    assert summary.converted == 4 and summary.skipped_total == 0
+    assert not any(os.path.islink(p) for p in _snapshot(tmp_path / "out"))
 
 
 def test_korean_labels_are_valid_and_written_nfc(tmp_path):

@@ -243,3 +243,12 @@ def test_scan_result_is_plain_data(tmp_path):
     scan = scan_imagefolder(tmp_path)
     assert isinstance(scan, ScanResult) and scan.num_classes == 1
     assert all(isinstance(p, str) and isinstance(label, int) for p, label in scan.train)
+
+
+def test_jpeg_with_data_after_its_end_marker_is_not_bad(tmp_path):
+    _make_tree(tmp_path, {"cat": 2})
+    # Motion photos and some cameras append data after the JPEG's end-of-image marker.
+    (tmp_path / "train" / "cat" / "trailer.jpg").write_bytes(H.rgb_jpeg() + b"MotionPhoto" * 100)
+    scan = scan_imagefolder(tmp_path)
+    assert scan.bad_files == []
+    assert len(scan.train) + len(scan.val) == 3

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from raytimm.data.images import DEFAULT_MAX_PIXELS, decode_image
+from raytimm.data.images import DEFAULT_MAX_PIXELS, decode_image, to_rgb_array
 from raytimm.errors import DataError, ImageError, ImageTooLargeError
 from tests import helpers_images as H
 
@@ -46,8 +46,6 @@ def test_16bit_png_is_scaled_not_clipped():
 def test_mode_i_and_f_are_scaled_sensibly():
     wide = Image.fromarray(np.array([[0, 65535]], dtype=np.int32))  # mode I with 16-bit range
     assert wide.mode == "I"
-    from raytimm.data.images import to_rgb_array
-
     assert to_rgb_array(wide)[0].tolist() == [[0, 0, 0], [255, 255, 255]]
     narrow = Image.fromarray(np.array([[0, 200]], dtype=np.int32))  # 8-bit values in an I image stay as is
     assert to_rgb_array(narrow)[0, :, 0].tolist() == [0, 200]
