@@ -659,8 +659,8 @@ def build_app(args: ServeArgs):
         model_opts["autoscaling_config"] = args.autoscaling
     else:
         model_opts["num_replicas"] = args.replicas
-    model_kwargs = dict(weights_dir=weights_dir, max_models=args.max_models,
-                        num_threads=max(1, int(round(args.num_cpus))) if args.num_cpus else None)
+    # Torch threads come from the CPUs Ray assigns each replica (also when serve.yaml overrides them).
+    model_kwargs = dict(weights_dir=weights_dir, max_models=args.max_models)
     model = _with_version(ModelServer.options(**model_opts), _code_version("model", model_kwargs))
     model = model.bind(**model_kwargs)
     token = _read_token()

@@ -20,7 +20,6 @@ from raytimm.predict import Predictor
 from tests import helpers_images as hi
 from tests.test_predict import CLASSES, MODEL, color_image, make_trained_checkpoint, png_bytes
 
-pytestmark = [pytest.mark.serve, pytest.mark.ray]
 
 TOKEN = "test-token-0123456789"
 MAX_UPLOAD_MB = 2
@@ -101,6 +100,8 @@ def _assert_error(r, status):
 
 # ----------------------------------------------------------------------------- basics and auth
 
+@pytest.mark.serve
+@pytest.mark.ray
 def test_health_and_model_metadata(env):
     assert requests.get(env["url"] + "/healthz", timeout=10).status_code == 200  # no token needed
     meta = env["s"].get(env["url"] + "/model", timeout=10).json()
@@ -109,6 +110,8 @@ def test_health_and_model_metadata(env):
     assert meta["metrics"] == {"val/top1": 100.0} and meta["reload_error"] is None
 
 
+@pytest.mark.serve
+@pytest.mark.ray
 @pytest.mark.parametrize("header", [None, "Bearer wrong-token", f"Basic {TOKEN}", "Bearer"])
 def test_auth_required_except_healthz(env, header):
     headers = {"Authorization": header} if header else {}
@@ -120,6 +123,8 @@ def test_auth_required_except_healthz(env, header):
         assert TOKEN not in r.text
 
 
+@pytest.mark.serve
+@pytest.mark.ray
 def test_predict_one_and_many_files(env):
     r = _post(env, "/predict", files=[_file("g.png", png_bytes(color_image("green")))], data={"top_k": "2"})
     assert r.status_code == 200, r.text
@@ -136,6 +141,8 @@ def test_predict_one_and_many_files(env):
     assert all(len(x["top_k_predictions"]) == 3 for x in results)  # default top_k=5 clamped to 3 classes
 
 
+@pytest.mark.serve
+@pytest.mark.ray
 def test_32_concurrent_requests_each_get_their_own_answer(env):
     local = Predictor.from_checkpoint(env["ckpt1"])
     colors = [CLASSES[(i * 7) % 3] for i in range(32)]
@@ -157,6 +164,8 @@ def test_32_concurrent_requests_each_get_their_own_answer(env):
 
 # ----------------------------------------------------------------------------- /inference/quick
 
+@pytest.mark.serve
+@pytest.mark.ray
 def test_quick_with_checkpoint_folder_and_run_folder(env):
     for path in (env["ckpt1"], env["run1"], env["extra_ckpt"]):
         r = _post(env, "/inference/quick", files=[_file("b.png", png_bytes(color_image("blue")))],
@@ -168,6 +177,8 @@ def test_quick_with_checkpoint_folder_and_run_folder(env):
             assert body["predicted_class"] == "blue"
 
 
+@pytest.mark.serve
+@pytest.mark.ray
 def test_quick_with_legacy_pt(env):
     arr = color_image("red", seed=5)
     local = Predictor.from_checkpoint(env["legacy"], model_name=MODEL, num_classes=3)
@@ -182,6 +193,8 @@ def test_quick_with_legacy_pt(env):
     assert "num_classes" in _assert_error(r, 422)
 
 
+@pytest.mark.serve
+@pytest.mark.ray
 def test_quick_pretrained_from_weights_dir(env):
     arr = color_image("green", seed=9, size=(80, 60))
     local = Predictor.pretrained(MODEL, weights_dir=env["weights"])
@@ -198,6 +211,8 @@ def test_quick_pretrained_from_weights_dir(env):
 
 # ----------------------------------------------------------------------------- allowed prefixes
 
+@pytest.mark.serve
+@pytest.mark.ray
 def test_checkpoint_path_rules(env):
     def quick(path):
         return _post(env, "/inference/quick", files=[_file()], data={"checkpoint_path": path, "model_name": MODEL})
@@ -223,6 +238,8 @@ def test_checkpoint_path_rules(env):
 
 # ----------------------------------------------------------------------------- hardened input
 
+@pytest.mark.serve
+@pytest.mark.ray
 @pytest.mark.parametrize("kind", hi.UNDECODABLE)
 def test_not_an_image_is_415(env, kind):
     name = f"upload{hi.ODD_IMAGES[kind][1]}"
@@ -230,6 +247,8 @@ def test_not_an_image_is_415(env, kind):
     assert name in detail
 
 
+@pytest.mark.serve
+@pytest.mark.ray
 def test_bomb_is_413_and_empty_is_400(env):
     assert "pixels" in _assert_error(_post(env, "/predict", files=[_file("bomb.png", hi.bomb_png())]), 413)
     assert "empty" in _assert_error(_post(env, "/predict", files=[_file("e.png", b"")]), 400)
@@ -238,6 +257,8 @@ def test_bomb_is_413_and_empty_is_400(env):
     assert "bad.jpg" in _assert_error(_post(env, "/predict", files=files), 415)
 
 
+@pytest.mark.serve
+@pytest.mark.ray
 def test_body_over_limit_is_413(env):
     big = os.urandom(MAX_UPLOAD_MB * 1024 * 1024 + 1000)
     try:
@@ -263,6 +284,8 @@ def test_body_over_limit_is_413(env):
     _assert_error(r, 413)
 
 
+@pytest.mark.serve
+@pytest.mark.ray
 @pytest.mark.parametrize("top_k", ["0", "-1", "abc", "1.5", "1e3", " "])
 def test_bad_top_k_is_422(env, top_k):
     r = _post(env, "/predict", files=[_file()], data={"top_k": top_k})
@@ -272,6 +295,8 @@ def test_bad_top_k_is_422(env, top_k):
         assert "top_k" in _assert_error(r, 422)
 
 
+@pytest.mark.serve
+@pytest.mark.ray
 def test_top_k_is_clamped(env):
     for k in ("3", "4", "1000", "99999999999999999999"):
         r = _post(env, "/predict", files=[_file()], data={"top_k": k})
@@ -279,6 +304,8 @@ def test_top_k_is_clamped(env):
         assert len(r.json()["top_k_predictions"]) == 3
 
 
+@pytest.mark.serve
+@pytest.mark.ray
 def test_missing_file_field_is_422(env):
     assert "file" in _assert_error(_post(env, "/predict", data={"top_k": "3"}, files=[("other", ("a.png", b"x"))]), 422)
     assert "file" in _assert_error(_post(env, "/predict", data={"top_k": "3"}), 422)
@@ -286,6 +313,8 @@ def test_missing_file_field_is_422(env):
     assert "file" in _assert_error(_post(env, "/predict", data={"file": "not-a-file"}, files=[("x", ("a", b"1"))]), 422)
 
 
+@pytest.mark.serve
+@pytest.mark.ray
 @pytest.mark.parametrize("kind", hi.DECODABLE)
 def test_odd_but_valid_images_are_200(env, kind):
     r = _post(env, "/predict", files=[_file(f"odd{hi.ODD_IMAGES[kind][1]}", hi.odd_image(kind))], data={"top_k": "2"})
@@ -293,6 +322,8 @@ def test_odd_but_valid_images_are_200(env, kind):
     assert r.json()["predicted_class"] in CLASSES
 
 
+@pytest.mark.serve
+@pytest.mark.ray
 def test_unknown_route_and_method_are_json(env):
     assert _assert_error(env["s"].get(env["url"] + "/nope", timeout=10), 404)
     assert _assert_error(env["s"].get(env["url"] + "/predict", timeout=10), 405)
@@ -300,6 +331,8 @@ def test_unknown_route_and_method_are_json(env):
 
 # ----------------------------------------------------------------------------- hot reload (last: changes the model)
 
+@pytest.mark.serve
+@pytest.mark.ray
 def test_hot_reload_under_load_has_zero_failures(env):
     stop = threading.Event()
     answers, failures = [], []
@@ -341,6 +374,8 @@ def test_hot_reload_under_load_has_zero_failures(env):
     assert answers[0] == "red" and answers[-1] == "RED" and set(answers) == {"red", "RED"}
 
 
+@pytest.mark.serve
+@pytest.mark.ray
 def test_failed_reload_keeps_old_model_and_reports(env):
     bad = os.path.join(env["runs"], "broken", "checkpoint_000009")
     ckpt.save_checkpoint(bad, model_state={"w": torch.zeros(2)}, meta=ckpt.load_meta(env["ckpt1"]))
@@ -367,3 +402,52 @@ def test_serve_args_parse_cli_style():
 def test_token_never_in_repr():
     assert TOKEN not in repr(rs.Secret(TOKEN)) and TOKEN not in str(rs.Secret(TOKEN))
     assert json.dumps(rs.check_checkpoint_path("s3://b/x/y", ["s3://b"])) == '"s3://b/x/y"'
+
+
+def test_top_k_parsing():
+    assert rs.parse_top_k(None) == 5 and rs.parse_top_k(" 7 ") == 7 and rs.parse_top_k("+2") == 2
+    assert rs.parse_top_k("9" * 40) >= 10 ** 9  # clamped later, never an overflow
+    for bad in ("0", "-3", "x", "2.0", "1e2", "0x10"):
+        with pytest.raises(rs.HTTPError) as e:
+            rs.parse_top_k(bad)
+        assert e.value.status == 422
+
+
+def test_allowed_prefix_rules_are_syntactic(tmp_path):
+    allowed = [rs.normalize_prefix(str(tmp_path / "runs")), rs.normalize_prefix("s3://bucket/models")]
+    ok = rs.check_checkpoint_path(str(tmp_path / "runs" / "a" / "b"), allowed)
+    assert ok == str(tmp_path / "runs" / "a" / "b")  # nothing needs to exist
+    assert rs.check_checkpoint_path("s3://bucket/models/x", allowed) == "s3://bucket/models/x"
+    for bad in (str(tmp_path / "runs2"), str(tmp_path / "runs" / ".." / "x"), "s3://bucket/models2/x",
+                "s3://bucket/x", "r2://bucket/models/x", "file://" + str(tmp_path / "runs" / "a"),
+                "http://bucket/models", "relative/runs", "~/x", str(tmp_path / "runs") + "\x00"):
+        with pytest.raises(rs.HTTPError) as e:
+            rs.check_checkpoint_path(bad, allowed)
+        assert e.value.status == 403, bad
+
+
+def test_storage_root_defaults(tmp_path):
+    path = make_trained_checkpoint(tmp_path / "runs" / "r1", steps=1)
+    assert rs.storage_root(path) == str(tmp_path / "runs")
+    assert rs.storage_root(str(tmp_path / "runs" / "r1")) == str(tmp_path / "runs")
+
+
+def test_serve_yaml_is_a_valid_serve_config():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "serve.yaml")
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    schema = ServeDeploySchema.model_validate(raw)
+    (app,) = schema.applications
+    assert app.import_path == "raytimm.serve:build_app"
+    args = rs.ServeArgs.model_validate(app.args)
+    assert args.checkpoint.startswith("s3://")
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {rs.ModelServer.name, rs.Ingress.name}
+    model = deployments["ModelServer"]
+    assert model.autoscaling_config["max_replicas"] >= model.autoscaling_config["min_replicas"] >= 1
+    assert model.ray_actor_options.num_cpus > 0 and model.ray_actor_options.num_gpus is not None
+    assert set(model.user_config) >= {"checkpoint", "max_batch_size", "batch_wait_ms"}
+    assert "TOKEN" not in open(path).read().replace("RAYTIMM_API_TOKEN", "")
