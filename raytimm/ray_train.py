@@ -249,7 +249,9 @@ def preflight(cfg: Config) -> None:
     if cfg.data.format == "dice":
         from raytimm.data.dice import ensure_dice_converted
 
-        local = ensure_dice_converted(local, os.path.join(os.path.expanduser(cfg.data.cache_dir), "dice"))
+        # Same arguments as engine.prepare_dataset_root, so the workers hit this conversion's cache.
+        local = ensure_dice_converted(local, os.path.join(os.path.expanduser(cfg.data.cache_dir), "dice"),
+                                      split_ratio=cfg.data.split_ratio, seed=cfg.data.split_seed)
     from raytimm.data.folder import scan_imagefolder
 
     scan = scan_imagefolder(local, split_ratio=cfg.data.split_ratio, seed=cfg.data.split_seed,
@@ -287,8 +289,11 @@ def _completed(run_dir: str, epochs: int) -> Optional[dict]:
     return None
 
 
-def build_trainer(cfg: Config, *, run_name: str, callbacks: list) -> TorchTrainer:
-    """TorchTrainer for cfg: scaling, storage (local or bucket), checkpoint ranking, failures."""
+def build_trainer(cfg: Config, *, run_name: str, callbacks: list, train_loop=None) -> TorchTrainer:
+    """TorchTrainer for cfg: scaling, storage (local or bucket), checkpoint ranking, failures.
+
+    ``train_loop`` replaces ``train_loop_per_worker`` (tests wrap it to inspect each rank).
+    """
     fs, fs_path = storage.get_filesystem(cfg.storage.path, endpoint_url=cfg.storage.endpoint_url,
                                          region=cfg.storage.region)
     run_config = RunConfig(
@@ -304,12 +309,12 @@ def build_trainer(cfg: Config, *, run_name: str, callbacks: list) -> TorchTraine
         # Ray Train's own INFO lines (worker group set-up, every report) are not actionable.
         logging_config=LoggingConfig(log_level="DEBUG" if _verbose() else "WARNING"),
     )
-    return TorchTrainer(train_loop_per_worker, train_loop_config={"cfg": config_to_dict(cfg)},
+    return TorchTrainer(train_loop or train_loop_per_worker, train_loop_config={"cfg": config_to_dict(cfg)},
                         scaling_config=_scaling(cfg), run_config=run_config)
 
 
 def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks: Sequence = (),
-          check: bool = True) -> TrainResult:
+          check: bool = True, train_loop=None) -> TrainResult:
     """Run one training job end to end and publish its `best` pointer.
 
     ``callbacks`` are extra Train callbacks (Tune's TuneReportCallback); ``check=False`` skips the
@@ -354,7 +359,7 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
     callback = TrackingCallback(run_dir=run_dir, scheme=scheme, metric=cfg.checkpoint.metric,
                                 mode=cfg.checkpoint.mode, mlflow_kwargs=mlflow_kwargs,
                                 endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
-    trainer = build_trainer(cfg, run_name=run_name, callbacks=[callback, *callbacks])
+    trainer = build_trainer(cfg, run_name=run_name, callbacks=[callback, *callbacks], train_loop=train_loop)
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; name the run and keep the cause's message
