@@ -440,6 +440,33 @@ class _State:
     history: list = dataclasses.field(default_factory=list)
     epochs_without_improvement: int = 0
 
+    def record(self, metrics: dict, confusion_matrix: list, *, metric: str, mode: str) -> bool:
+        """Append an epoch's metrics; returns whether it is the best so far by ``metric``."""
+        value = float(metrics[metric])
+        is_best = _is_better(value, self.best_value, mode)
+        if is_best:
+            self.best_value, self.best_epoch, self.best_metrics = value, int(metrics["epoch"]), dict(metrics)
+            self.best_confusion_matrix = confusion_matrix
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+        self.history.append(dict(metrics))
+        self.epoch = int(metrics["epoch"])
+        return is_best
+
+
+def _publish_local(run_dir: str, ckpt_dir: str, metrics: dict, *, is_best: bool, history: list, metric: str,
+                   mode: str, keep: int) -> None:
+    """Without Ray: move the latest/best pointers to a just-completed checkpoint, then prune old ones."""
+    from raytimm import checkpoint as ckpt
+
+    ckpt.write_latest_pointer(run_dir, ckpt_dir, metrics)
+    if is_best:
+        ckpt.write_best_pointer(run_dir, ckpt_dir, metrics)
+    if not ckpt.is_remote_uri(run_dir):
+        _prune_local_checkpoints(run_dir, history, metric=metric, mode=mode, keep=keep,
+                                 latest_epoch=int(metrics["epoch"]))
+
 
 def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None,
         prepare_loader: Optional[Callable[[DataLoader], Any]] = None, report: Optional[ReportFn] = None,
@@ -464,7 +491,6 @@ def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     torch.set_num_threads(resolve_num_threads(num_threads, tc.threads))
-    dist_utils.seed_everything(tc.seed, rank)
     prepare_model = prepare_model or _default_prepare_model
     prepare_loader = prepare_loader or (lambda loader: loader)
     if (tc.mixup > 0 or tc.cutmix > 0) and tc.batch_size % 2:
@@ -490,7 +516,9 @@ def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None
             raise ConfigError(f"cannot resume from {resume_state_dir}: its classes {resume_meta.get('class_names')} "
                               f"differ from the dataset's {class_names}")
 
-    # ---- model
+    # ---- model: the same seed on every rank, so the initial weights (and an EMA copy made before DDP
+    # broadcasts rank 0's parameters) agree; afterwards each rank gets its own stream for augmentation.
+    dist_utils.seed_everything(tc.seed, 0)
     model = build_model(cfg.model.name, num_classes=num_classes,
                         pretrained=cfg.model.pretrained and train_state is None,
                         pretrained_file=cfg.model.pretrained_file if train_state is None else None,
@@ -499,6 +527,7 @@ def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None
                         img_size=cfg.model.img_size, cache_dir=cfg.data.cache_dir)
     # Train at the model's train size; validate (and serve, from meta.json) with the eval config,
     # which uses the model's test-time size where it has one: timm's inference convention.
+    dist_utils.seed_everything(tc.seed, rank)
     data_config = resolve_data_config(model, cfg.model.img_size)
     train_data_config = resolve_data_config(model, cfg.model.img_size, use_test_size=False)
     amp_dtype = resolve_amp_dtype(tc.amp, device)
@@ -531,7 +560,7 @@ def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None
     state = _State()
     if train_state is not None:
         state = _restore(train_state, resume_state_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                         scaler=scaler, ema=ema, epochs=tc.epochs, rank=rank, world=world)
+                         scaler=scaler, ema=ema, epochs=tc.epochs, seed=tc.seed, rank=rank, world=world)
 
     model = prepare_model(model)
     if tc.compile:
@@ -572,17 +601,10 @@ def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None
         metrics = {"train/loss": train_stats["loss"], "train/top1": train_stats["top1"], "val/loss": val["loss"],
                    "val/top1": val["top1"], "val/top5": val["top5"], "lr": train_stats["lr"],
                    "throughput": train_stats["throughput"], "epoch": epoch}
-        value = float(metrics[cfg.checkpoint.metric])
-        is_best = _is_better(value, state.best_value, cfg.checkpoint.mode)
-        if is_best:
-            state.best_value, state.best_epoch, state.best_metrics = value, epoch, dict(metrics)
-            state.best_confusion_matrix = val["confusion_matrix"]
-            state.epochs_without_improvement = 0
-        else:
-            state.epochs_without_improvement += 1
-        state.history.append(dict(metrics))
-        state.epoch = epoch
-        scheduler.step(epoch, value)  # timm: at the end of an epoch, the next epoch's value (no-op per update)
+        is_best = state.record(metrics, val["confusion_matrix"], metric=cfg.checkpoint.metric,
+                               mode=cfg.checkpoint.mode)
+        # timm: at the end of an epoch, set the next epoch's value (a no-op when stepping per update).
+        scheduler.step(epoch, float(metrics[cfg.checkpoint.metric]))
 
         rng_all = dist_utils.all_gather_object(rng_state())  # each rank's RNG, so a resume restores all of them
         ckpt_dir = None
@@ -605,12 +627,8 @@ def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None
                     shutil.rmtree(ckpt_dir, ignore_errors=True)
         elif ckpt_dir:
             latest_dir = ckpt_dir
-            ckpt.write_latest_pointer(run_dir, ckpt_dir, metrics)
-            if is_best:
-                ckpt.write_best_pointer(run_dir, ckpt_dir, metrics)
-            if not ckpt.is_remote_uri(run_dir):
-                _prune_local_checkpoints(run_dir, state.history, metric=cfg.checkpoint.metric,
-                                         mode=cfg.checkpoint.mode, keep=cfg.checkpoint.num_to_keep, latest_epoch=epoch)
+            _publish_local(run_dir, ckpt_dir, metrics, is_best=is_best, history=state.history,
+                           metric=cfg.checkpoint.metric, mode=cfg.checkpoint.mode, keep=cfg.checkpoint.num_to_keep)
         if on_epoch_end is not None:
             on_epoch_end(EpochInfo(epoch=epoch, metrics=metrics, is_best=is_best,
                                    confusion_matrix=val["confusion_matrix"], class_names=class_names,
@@ -653,8 +671,8 @@ def _train_state(state: _State, *, model, optimizer, scheduler, scaler, ema, epo
     }
 
 
-def _restore(ts: dict, ckpt_dir: str, *, model, optimizer, scheduler, scaler, ema, epochs: int, rank: int,
-             world: int) -> _State:
+def _restore(ts: dict, ckpt_dir: str, *, model, optimizer, scheduler, scaler, ema, epochs: int, seed: int,
+             rank: int, world: int) -> _State:
     """Load a checkpoint's weights and train state into the freshly built objects; returns the loop state."""
     from raytimm import checkpoint as ckpt
 
@@ -685,7 +703,7 @@ def _restore(ts: dict, ckpt_dir: str, *, model, optimizer, scheduler, scaler, em
     if len(rng) == world:
         set_rng_state(rng[rank])
     else:
-        dist_utils.seed_everything(int(epoch) * 1000 + rank, rank)  # a different world size: fresh, distinct seeds
+        dist_utils.seed_everything(seed + 1000 * epoch, rank)  # another world size: fresh, distinct per-rank seeds
     log.info("resumed from %s at epoch %d", ckpt_dir, epoch)
     return _State(epoch=epoch, num_updates=num_updates, best_value=ts.get("best_value"),
                   best_epoch=int(ts.get("best_epoch", 0)), best_metrics=dict(ts.get("best_metrics") or {}),

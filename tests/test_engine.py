@@ -181,8 +181,12 @@ def test_early_stopping_on_patience(demo_root, tmp_path):
     # A learning rate too small to change any prediction: val/top1 never improves after epoch 1.
     cfg = make_cfg(demo_root, tmp_path, epochs=6, lr=1e-12, patience=2, warmup_lr=1e-12, min_lr=1e-12)
     cfg.model.name = "test_vit"  # LayerNorm only: no BatchNorm statistics drift in train mode
+    cfg.checkpoint.num_to_keep = 1
     result = fit(cfg)
     assert result.stopped_early and result.last_epoch == 3 and result.best_epoch == 1
+    # Like Ray's CheckpointConfig: the best num_to_keep plus the latest survive.
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint_*")) == ["checkpoint_000001",
+                                                                                "checkpoint_000003"]
 
 
 def test_summary_line_on_stdout(demo_root, tmp_path, capsys):
