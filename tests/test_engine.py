@@ -1,5 +1,4 @@
 """engine.fit in one process (no Ray): checkpoints, meta.json, resume, EMA, accumulation, mixup, early stop."""
-import json
 import math
 import os
 import subprocess
