@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import math
+import numbers
 import os
 from typing import Any, Mapping, Optional, Sequence
 
@@ -41,6 +42,8 @@ KIND_SHAPES = {
 # Keys that decide where a sweep and its trials live: sweeping them would scatter or merge trials.
 UNSWEEPABLE = ("storage.path", "run.name", "mlflow.tracking_uri", "mlflow.experiment", "mlflow.enabled")
 TRIAL_PREFIX = "trial_"
+# What engine reports each epoch (DESIGN.md "Metrics").
+METRIC_KEYS = ("train/loss", "train/top1", "val/loss", "val/top1", "val/top5", "lr", "throughput", "epoch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +63,8 @@ def _where(key: str) -> str:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    # numbers.Real also covers numpy scalars (Tune's dataframes hold np.int64 epochs).
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _probe(cfg: Config, key: str, value: Any, what: str) -> None:
@@ -223,10 +227,13 @@ class TrialSummary:
     status: str  # completed | stopped (early, by the scheduler) | error | pending
     checkpoint: Optional[str]
     run_dir: str = ""
+    latest_checkpoint: Optional[str] = None
     error: Optional[str] = None
+    # Per-epoch metrics Tune received (for MLflow backfill); not part of the JSON summary.
+    history: list = dataclasses.field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items()}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "history"}
 
 
 @dataclasses.dataclass
@@ -492,8 +499,13 @@ def _make_tuner(cfg: Config, dims: Sequence[Dimension], tune_name: str, tune_dir
         print(f"resuming sweep {tune_name} from {tune_dir} (finished trials are kept; "
               f"set tune.name to start a new sweep)")
         return rtune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    # raytimm.logs turns Tune's automatic loggers off (noise for `train`); a sweep wants them:
+    # result.json/progress.csv per trial are what Tune's ResultGrid and restore read back.
     run_config = rtune.RunConfig(name=tune_name, storage_path=fs_path, storage_filesystem=fs, verbose=0,
-                                 failure_config=rtune.FailureConfig(max_failures=0))
+                                 failure_config=rtune.FailureConfig(max_failures=0),
+                                 callbacks=[JsonLoggerCallback(), CSVLoggerCallback()])
     return rtune.Tuner(trainable, param_space=to_param_space(dims),
                        tune_config=_tune_config(cfg, max_concurrent), run_config=run_config)
 
@@ -506,76 +518,155 @@ def _trial_id(result) -> str:
     return base[len("tune_"):] if base.startswith("tune_") else base
 
 
+def trial_checkpoints(run_dir: str, *, endpoint_url: Optional[str] = None,
+                      region: Optional[str] = None) -> list[tuple[str, dict]]:
+    """(URI, metrics) of every complete checkpoint in a trial's run folder, oldest first.
+
+    The folder is the truth: ASHA kills a trial's driver between epochs, so the trial's own
+    `best` pointer can lag (or name a checkpoint Ray's num_to_keep has since deleted), and a
+    stopped trial may have finished one more epoch than Tune saw.
+    """
+    from raytimm import storage
+    from raytimm.checkpoint import META_FILE, MODEL_FILE, load_meta
+
+    files: dict[str, set] = {}
+    for f in storage.list_files(run_dir, endpoint_url=endpoint_url, region=region):
+        parts = f.key.split("/")
+        if len(parts) == 2 and parts[0].startswith("checkpoint_"):
+            files.setdefault(parts[0], set()).add(parts[1])
+    out = []
+    for name in sorted(files):
+        if not {META_FILE, MODEL_FILE} <= files[name]:
+            continue  # still being written, or torn by a kill
+        uri = storage.join(run_dir, name)
+        try:
+            meta = load_meta(uri)
+        except Exception as e:  # one unreadable checkpoint must not hide the others
+            log.warning("skipping checkpoint %s: %s", uri, e)
+            continue
+        metrics = _numbers(meta.get("metrics") or {})
+        if _is_number(meta.get("epoch")):
+            metrics["epoch"] = float(meta["epoch"])
+        out.append((uri, metrics))
+    return out
+
+
+def best_of(checkpoints: Sequence[tuple[str, dict]], metric: str, mode: str) -> Optional[tuple[str, dict]]:
+    """The checkpoint with the best metric; a tie goes to the later one, as Ray's retention does."""
+    ranked = [(i, c) for i, c in enumerate(checkpoints) if _is_number(c[1].get(metric))]
+    if not ranked:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    return max(ranked, key=lambda ic: (sign * ic[1][1][metric], ic[0]))[1]
+
+
+def _trial_status(error: Any, epochs: int, max_epochs: int) -> str:
+    if error is not None:
+        return "error"
+    if epochs >= max_epochs:
+        return "completed"
+    return "stopped" if epochs > 0 else "pending"
+
+
 def summarize(grid, cfg: Config, dims: Sequence[Dimension], tune_dir: str,
               mlflow_run_id: Optional[str]) -> TuneResult:
-    """TuneResult from Tune's ResultGrid plus each trial's own `best`/`latest` pointers."""
+    """TuneResult from Tune's ResultGrid plus the checkpoints each trial's run folder holds."""
     from raytimm import storage
-    from raytimm.checkpoint import read_pointer_info
 
     swept = [d.key for d in dims]
     trials = []
     for r in grid:
         tid = _trial_id(r)
         run_dir = storage.join(tune_dir, f"{TRIAL_PREFIX}{tid}")
-        best = _pointer(read_pointer_info, run_dir, "best")
-        latest = _pointer(read_pointer_info, run_dir, "latest")
-        last = r.metrics or {}
-        epochs = int((latest or {}).get("metrics", {}).get("epoch") or last.get("epoch") or 0)
-        if r.error is not None:
-            status = "error"
-        elif epochs >= cfg.train.epochs:
-            status = "completed"
-        elif epochs == 0:
-            status = "pending"
-        else:
-            status = "stopped"
-        metrics = _numbers((best or {}).get("metrics") or {})
+        ckpts = trial_checkpoints(run_dir, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+        seen = int((r.metrics or {}).get("epoch") or 0)
+        if seen:
+            # A stopped trial's workers often finish one more epoch before the kill lands; the
+            # sweep reports what the scheduler saw and decided on, so skip checkpoints past it.
+            ckpts = [c for c in ckpts if c[1].get("epoch", 0) <= seen]
+        best = best_of(ckpts, cfg.tune.metric, cfg.tune.mode)
+        # A restored trial whose training had already finished reports nothing new to Tune.
+        epochs = seen or int(max([c[1].get("epoch", 0) for c in ckpts] + [0]))
         trials.append(TrialSummary(
-            trial_id=tid, config={k: (r.config or {}).get(k) for k in swept}, best_metrics=metrics, epochs=epochs,
-            status=status, checkpoint=(best or {}).get("checkpoint"), run_dir=run_dir,
+            trial_id=tid, config={k: (r.config or {}).get(k) for k in swept},
+            best_metrics=best[1] if best else {}, epochs=epochs,
+            status=_trial_status(r.error, epochs, cfg.train.epochs), checkpoint=best[0] if best else None,
+            run_dir=run_dir, latest_checkpoint=ckpts[-1][0] if ckpts else None, history=_history(r),
             error=(f"{type(r.error).__name__}: {r.error}".splitlines()[0][:500] if r.error is not None else None)))
     trials.sort(key=lambda t: t.trial_id)
     best = pick_best(trials, cfg.tune.metric, cfg.tune.mode)
-    latest = None
-    if best is not None:
-        latest = (_pointer(read_pointer_info, best.run_dir, "latest") or {}).get("checkpoint")
     return TuneResult(run_dir=tune_dir, best_checkpoint=best.checkpoint if best else None,
                       best_metrics=best.best_metrics if best else {}, best_config=best.config if best else {},
-                      best_trial_id=best.trial_id if best else None, latest_checkpoint=latest,
+                      best_trial_id=best.trial_id if best else None,
+                      latest_checkpoint=best.latest_checkpoint if best else None,
                       mlflow_run_id=mlflow_run_id, trials=trials, metric=cfg.tune.metric, mode=cfg.tune.mode)
 
 
-def _pointer(read, run_dir: str, name: str) -> Optional[dict]:
-    try:
-        return read(run_dir, name)
-    except Exception as e:  # a trial that never checkpointed, or a torn pointer: report, don't crash
-        log.warning("cannot read the %r pointer of %s: %s", name, run_dir, e)
-        return None
+def _history(result) -> list[dict]:
+    """Per-epoch metrics Tune recorded for one trial (empty when its logs are missing)."""
+    df = getattr(result, "metrics_dataframe", None)
+    if df is None or "epoch" not in getattr(df, "columns", ()):
+        return []
+    keep = [c for c in df.columns if c in METRIC_KEYS]
+    return [_numbers(row) for row in df[keep].to_dict("records")]
 
 
 def _numbers(m: Mapping) -> dict:
-    return {k: float(v) for k, v in m.items() if _is_number(v)}
+    return {str(k): float(v) for k, v in m.items() if _is_number(v)}
 
 
 def _publish(result: TuneResult, cfg: Config, dims: Sequence[Dimension], tune_dir: str) -> None:
     """Print the table, write trials.csv, and point the tune folder's `best` at the best checkpoint."""
     from raytimm import storage
-    from raytimm.checkpoint import write_best_pointer
+    from raytimm.checkpoint import write_best_pointer, write_latest_pointer
 
     rows = trials_table(result.trials, [d.key for d in dims], cfg.tune.metric)
     print(format_table(rows))
     storage.write_text(storage.join(tune_dir, "trials.csv"), table_csv(rows))
+    for t in result.trials:
+        # ASHA kills a trial's driver right after the result it stops on, often before the trial's
+        # own pointer updates: rewrite them from the checkpoints so each trial folder stays servable.
+        if t.checkpoint:
+            write_best_pointer(t.run_dir, t.checkpoint, t.best_metrics)
+        if t.latest_checkpoint:
+            write_latest_pointer(t.run_dir, t.latest_checkpoint, {"epoch": t.epochs})
     if result.best_checkpoint:
         write_best_pointer(tune_dir, result.best_checkpoint, result.best_metrics)
         print(f"best trial {result.best_trial_id}: {cfg.tune.metric}={result.best_metrics.get(cfg.tune.metric)} "
               f"{json.dumps(result.best_config)}")
 
 
-def _finish_mlflow(parent, result: TuneResult, cfg: Config, dims: Sequence[Dimension], tracking_uri: str) -> None:
-    """Tag the parent with the best trial; close child runs the scheduler stopped (their driver was killed)."""
+def _close_child(t: TrialSummary, cfg: Config, tracking_uri: str) -> None:
+    """Backfill a trial's MLflow run with the epochs Tune saw and give it a final status.
+
+    A trial's driver is killed when the scheduler stops it (ASHA also stops trials at max_t),
+    so its own run may miss the last epoch and still read RUNNING.
+    """
     from raytimm.tracking import find_run, make_logger
 
-    parent.set_tags({"raytimm.best_trial": result.best_trial_id or "",
+    run_id = find_run(tracking_uri, cfg.mlflow.experiment, f"{TRIAL_PREFIX}{t.trial_id}",
+                      timeout_s=cfg.mlflow.timeout_s)
+    if run_id is None:
+        return
+    child = make_logger(enabled=True, tracking_uri=tracking_uri, experiment=cfg.mlflow.experiment,
+                        run_name=None, run_id=run_id, timeout_s=cfg.mlflow.timeout_s,
+                        tags={"raytimm.tune_status": t.status, "raytimm.trial_id": t.trial_id,
+                              "raytimm.best_checkpoint": t.checkpoint or ""})
+    for row in t.history:
+        if "epoch" in row:
+            child.log_metrics(row, step=int(row["epoch"]))
+    child.finish({"completed": "FINISHED", "error": "FAILED"}.get(t.status, "KILLED"))
+
+
+def _finish_mlflow(parent, result: TuneResult, cfg: Config, dims: Sequence[Dimension], tracking_uri: str) -> None:
+    """Tag the parent with the best trial, attach trials.csv, and close every trial's child run."""
+    from raytimm.tracking import find_run
+
+    best_run = None
+    if result.best_trial_id:
+        best_run = find_run(tracking_uri, cfg.mlflow.experiment, f"{TRIAL_PREFIX}{result.best_trial_id}",
+                            timeout_s=cfg.mlflow.timeout_s)
+    parent.set_tags({"raytimm.best_trial": result.best_trial_id or "", "raytimm.best_run_id": best_run or "",
                      "raytimm.best_checkpoint": result.best_checkpoint or "",
                      "raytimm.best_config": json.dumps(result.best_config)})
     if result.best_metrics:
@@ -583,14 +674,5 @@ def _finish_mlflow(parent, result: TuneResult, cfg: Config, dims: Sequence[Dimen
                            step=int(result.best_metrics.get("epoch", 0)))
     parent.log_text(table_csv(trials_table(result.trials, [d.key for d in dims], cfg.tune.metric)), "trials.csv")
     for t in result.trials:
-        if t.status == "completed":
-            continue
-        run_id = find_run(tracking_uri, cfg.mlflow.experiment, f"{TRIAL_PREFIX}{t.trial_id}",
-                          timeout_s=cfg.mlflow.timeout_s)
-        if run_id is None:
-            continue
-        child = make_logger(enabled=True, tracking_uri=tracking_uri, experiment=cfg.mlflow.experiment,
-                            run_name=None, run_id=run_id, timeout_s=cfg.mlflow.timeout_s,
-                            tags={"raytimm.tune_status": t.status})
-        child.finish("FAILED" if t.status == "error" else "KILLED")
+        _close_child(t, cfg, tracking_uri)
     parent.finish("FINISHED")
