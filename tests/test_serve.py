@@ -329,6 +329,43 @@ def test_unknown_route_and_method_are_json(env):
     assert _assert_error(env["s"].get(env["url"] + "/predict", timeout=10), 405)
 
 
+@pytest.mark.serve
+@pytest.mark.ray
+@pytest.mark.slow
+def test_serve_matches_raytimm_evaluate_predictions(env, tmp_path):
+    """Train with engine.fit, run `raytimm evaluate --predictions`, then ask the server about every val image."""
+    import subprocess
+    import sys
+
+    from raytimm.config import config_from_dict
+    from raytimm.data.demo import make_demo_dataset
+    from raytimm.engine import fit
+
+    data = make_demo_dataset(tmp_path / "data", classes=3, per_class=12, size=32)
+    cfg = config_from_dict({
+        "data": {"path": str(data), "num_workers": 0, "rrc": False, "hflip": 0.0, "color_jitter": 0.0},
+        "model": {"name": MODEL, "img_size": 32},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 0.01, "warmup_epochs": 0, "seed": 0, "threads": 1},
+        "storage": {"path": env["runs"]}, "run": {"name": "engine_run"}, "mlflow": {"enabled": False}})
+    fit(cfg)
+    run_dir = os.path.join(env["runs"], "engine_run")
+    csv_path = tmp_path / "pred.csv"
+    cli = [sys.executable, "-c", "import sys; from raytimm.cli import main; sys.exit(main())"]
+    proc = subprocess.run(cli + ["evaluate", "--checkpoint", run_dir, "--data", str(data),
+                                 "--predictions", str(csv_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import csv
+    rows = list(csv.DictReader(open(csv_path)))
+    assert rows
+    files = [_file(os.path.basename(r["file"]), open(os.path.join(data, r["file"]), "rb").read()) for r in rows]
+    r = _post(env, "/inference/quick", files=files, data={"checkpoint_path": run_dir, "model_name": MODEL, "top_k": "1"})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"] if len(rows) > 1 else [r.json()]
+    for row, got in zip(rows, results):
+        assert got["predicted_class"] == row["predicted"], row["file"]
+        assert abs(got["confidence"] - float(row["confidence"])) <= 1e-5, row["file"]
+
+
 # ----------------------------------------------------------------------------- hot reload (last: changes the model)
 
 @pytest.mark.serve
