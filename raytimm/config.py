@@ -122,8 +122,6 @@ class TrainConfig:
         _check(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, ">= 0")
         _check(0 <= self.momentum < 1, f"{p}.momentum", self.momentum, "[0, 1)")
         _check(self.warmup_epochs >= 0, f"{p}.warmup_epochs", self.warmup_epochs, ">= 0")
-        _check(self.warmup_epochs < self.epochs or self.warmup_epochs == 0, f"{p}.warmup_epochs",
-               self.warmup_epochs, f"< train.epochs ({self.epochs})")
         _check(self.warmup_lr >= 0, f"{p}.warmup_lr", self.warmup_lr, ">= 0")
         _check(self.min_lr >= 0, f"{p}.min_lr", self.min_lr, ">= 0")
         _check(0 <= self.label_smoothing < 1, f"{p}.label_smoothing", self.label_smoothing, "[0, 1)")

@@ -170,4 +170,4 @@ def test_same_run_name_resumes_then_reports_complete(ray_local, demo_data, tmp_p
     third = train(_cfg(root, tmp_path / "runs", *common, "train.epochs=2"))
     assert third.status == "already_complete"
     assert "already complete" in capsys.readouterr().out
-    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == ["checkpoint_000001", "checkpoint_000002"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*") if p.is_dir()) == ["checkpoint_000001", "checkpoint_000002"]
