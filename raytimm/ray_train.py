@@ -92,6 +92,8 @@ def train_loop_per_worker(config: dict) -> None:
     worker_logging_setup()
     cfg = config_from_dict(config["cfg"])
     storage.configure(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    # Expanded here, on the worker's node, so `$LOCAL_SSD/raytimm` names each node's own disk.
+    cfg.data.cache_dir = os.path.expandvars(os.path.expanduser(cfg.data.cache_dir))
     if storage.is_remote(cfg.data.path):
         # One download per node: the stage cache is keyed by URI and guarded by a file lock.
         cfg.data.path = storage.stage(cfg.data.path, os.path.join(os.path.expanduser(cfg.data.cache_dir), "datasets"),
@@ -276,16 +278,27 @@ def _scaling(cfg: Config) -> ScalingConfig:
                          placement_strategy=cfg.scaling.placement_strategy)
 
 
-def _completed(run_dir: str, epochs: int) -> Optional[dict]:
-    """The `latest` pointer of a run that already reached `epochs`, else None."""
-    from raytimm.checkpoint import read_pointer_info
+def _completed(run_dir: str, epochs: int, patience: int = 0) -> Optional[dict]:
+    """The `latest` pointer of a run that already finished (all epochs, or early-stopped), else None."""
+    from raytimm.checkpoint import load_meta, read_pointer_info
 
     try:
         latest = read_pointer_info(run_dir, "latest")
     except Exception:
         return None
-    if latest and int((latest.get("metrics") or {}).get("epoch", 0)) >= epochs:
+    if not latest:
+        return None
+    epoch = int((latest.get("metrics") or {}).get("epoch", 0))
+    if epoch >= epochs:
         return latest
+    if patience:
+        try:
+            best_epoch = int(load_meta(latest["checkpoint"]).get("best_epoch") or 0)
+        except Exception:
+            return None
+        if best_epoch and epoch - best_epoch >= patience:
+            latest["early_stopped"] = True
+            return latest
     return None
 
 
@@ -331,10 +344,11 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
     if check:
         preflight(cfg)
 
-    done = _completed(run_dir, cfg.train.epochs)
+    done = _completed(run_dir, cfg.train.epochs, cfg.train.patience)
     if done is not None:
         best = read_pointer_info(run_dir, "best") or {}
-        print(f"run {run_name!r} is already complete ({cfg.train.epochs} epochs) in {run_dir}; "
+        how = "stopped early" if done.get("early_stopped") else f"{cfg.train.epochs} epochs"
+        print(f"run {run_name!r} is already complete ({how}) in {run_dir}; "
               f"raise train.epochs to continue it, or pick a new run.name")
         return TrainResult(run_dir=run_dir, best_checkpoint=best.get("checkpoint"), best_metrics=best.get("metrics", {}),
                            latest_checkpoint=done.get("checkpoint"), mlflow_run_id=None,
