@@ -190,3 +190,34 @@ def test_corrupt_safetensors_is_checkpoint_error(tmp_path):
         f.write(b"\x00" * 20)
     with pytest.raises(CheckpointError, match="model.safetensors"):
         ckpt.load_model_state(c)
+
+
+@pytest.mark.s3
+def test_remote_checkpoint_round_trip(s3_env, tmp_path):
+    state = _model_state()
+    run = s3_env.uri("runs/run1")
+    remote = s3_env.uri("runs/run1/checkpoint_000001")
+    ckpt.save_checkpoint(remote, model_state=state, meta=_meta(), train_state={"epoch": 1})
+    keys = {o["Key"] for o in s3_env.client().list_objects_v2(Bucket=s3_env.bucket)["Contents"]}
+    assert keys == {f"runs/run1/checkpoint_000001/{n}" for n in ("model.safetensors", "meta.json", "train_state.pt")}
+    assert ckpt.is_complete(remote) and not ckpt.is_complete(s3_env.uri("runs/run1/nope"))
+    assert ckpt.load_meta(remote)["class_names"] == ["a", "b", "c"]
+    loaded = ckpt.load_model_state(remote)
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    assert ckpt.load_train_state(remote) == {"epoch": 1}
+
+    ckpt.write_best_pointer(run, remote, {"val/top1": 9.0})
+    pointer = s3_env.client().get_object(Bucket=s3_env.bucket, Key="runs/run1/best")["Body"].read()
+    assert json.loads(pointer)["checkpoint"] == "checkpoint_000001"
+    assert ckpt.resolve_checkpoint(run) == ckpt.ResolvedCheckpoint("folder", remote)
+    assert ckpt.resolve_checkpoint(s3_env.uri("runs/run1/checkpoint_000001/")).uri == remote
+    with pytest.raises(CheckpointNotFound, match="runs/missing"):
+        ckpt.resolve_checkpoint(s3_env.uri("runs/missing"))
+
+    torch.save({"model_state_dict": state}, tmp_path / "best.pt")
+    s3_env.client().upload_file(str(tmp_path / "best.pt"), s3_env.bucket, "legacy/best.pt")
+    legacy = s3_env.uri("legacy/best.pt")
+    assert ckpt.resolve_checkpoint(legacy).kind == "legacy_pt"
+    assert ckpt.load_legacy_pt(legacy).keys() == state.keys()
+    with pytest.raises(CheckpointNotFound):
+        ckpt.resolve_checkpoint(s3_env.uri("legacy/other.pt"))

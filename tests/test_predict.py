@@ -212,3 +212,25 @@ def test_evaluate_rejects_different_classes(trained, tmp_path):
     with pytest.raises(DataError, match="crimson") as e:
         evaluate_checkpoint(trained["checkpoint"], data)
     assert "red" in str(e.value)
+
+
+@pytest.mark.s3
+def test_predictor_and_evaluate_from_bucket(trained, s3_env, tmp_path):
+    from raytimm import storage
+    run = s3_env.uri("runs/colors")
+    remote = f"{run}/checkpoint_000001"
+    ckpt.save_checkpoint(remote, model_state=ckpt.load_model_state(trained["checkpoint"]),
+                         meta=ckpt.load_meta(trained["checkpoint"]))
+    ckpt.write_best_pointer(run, remote, {})
+    local = Predictor.from_checkpoint(trained["checkpoint"])
+    pred = Predictor.from_checkpoint(run)
+    assert pred.source == remote
+    arrays = [color_image(c, seed=30 + i) for i, c in enumerate(CLASSES)]
+    assert pred.predict(arrays) == local.predict(arrays)
+
+    data = write_imagefolder(tmp_path / "data", per_class_val=2)
+    storage.upload(data, s3_env.uri("data/colors"))
+    got = evaluate_checkpoint(run, s3_env.uri("data/colors"), cache_dir=str(tmp_path / "cache"))
+    want = evaluate_checkpoint(trained["checkpoint"], data)
+    assert got["top1"] == want["top1"] and got["num_samples"] == want["num_samples"] == 6
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
