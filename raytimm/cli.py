@@ -52,9 +52,9 @@ def cmd_demo_data(a: argparse.Namespace) -> int:
 def cmd_convert_dice(a: argparse.Namespace) -> int:
     from raytimm.data.dice import convert_dice
 
-    summary = convert_dice(a.input, a.output, split_ratio=a.split_ratio, strategy=a.strategy,
-                           split_file=a.split_file, seed=a.seed, link=a.link)
-    print(summary.format())
+    # convert_dice prints one warning per skipped entry and the summary itself.
+    convert_dice(a.input, a.output, split_ratio=a.split_ratio, strategy=a.strategy,
+                 split_file=a.split_file, seed=a.seed, link=a.link)
     return 0
 
 

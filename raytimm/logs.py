@@ -19,6 +19,8 @@ NOISE_PATTERNS = [
     # Train V2 logs each worker's report at INFO; the epoch summary line already says it.
     re.compile(r"Reporting training result \d+: TrainingReport"),
     re.compile(r"Tip: to disable this warning"),
+    # Local clusters always use token auth (README explains it); the notice is not actionable.
+    re.compile(r"Token authentication is enabled for this Ray cluster"),
     re.compile(r"The `RunConfig` was not"),
     re.compile(r"Ray Train V2 migration"),
     re.compile(r"metrics exporter agent", re.I),
@@ -52,6 +54,7 @@ QUIET_ENV = {
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "GIT_PYTHON_REFRESH": "quiet",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
     # Train V2 reroutes print() in workers through the root logger, which shows each line twice.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }

@@ -94,10 +94,8 @@ def train_loop_per_worker(config: dict) -> None:
     storage.configure(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
     # Expanded here, on the worker's node, so `$LOCAL_SSD/raytimm` names each node's own disk.
     cfg.data.cache_dir = os.path.expandvars(os.path.expanduser(cfg.data.cache_dir))
-    if storage.is_remote(cfg.data.path):
-        # One download per node: the stage cache is keyed by URI and guarded by a file lock.
-        cfg.data.path = storage.stage(cfg.data.path, os.path.join(os.path.expanduser(cfg.data.cache_dir), "datasets"),
-                                      endpoint_url=cfg.storage.endpoint_url)
+    # A remote data.path is staged by engine.fit (once per node, local rank 0 first), which keeps
+    # the bucket URI, not this node's cache folder, in cfg and so in every meta.json.
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
 
     run_dir = storage.join(cfg.storage.path, cfg.run.name)
@@ -232,6 +230,24 @@ def checkpoint_uri(path: str, scheme: str) -> str:
 
 # ------------------------------------------------------------------ driver side
 
+def absolutize_paths(cfg: Config) -> Config:
+    """Local paths made absolute: workers and the controller do not share the driver's cwd."""
+    def fix(p: Optional[str]) -> Optional[str]:
+        if not p or storage.is_remote(p):
+            return p
+        if p.startswith("file://"):
+            p = p[len("file://"):]
+        return os.path.abspath(os.path.expanduser(p))
+
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, path=fix(cfg.data.path) or "", cache_dir=fix(cfg.data.cache_dir)),
+        storage=dataclasses.replace(cfg.storage, path=fix(cfg.storage.path)),
+        model=dataclasses.replace(cfg.model, pretrained_file=fix(cfg.model.pretrained_file),
+                                  init_checkpoint=fix(cfg.model.init_checkpoint)),
+    )
+
+
 def default_run_name(cfg: Config) -> str:
     return f"{cfg.model.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
@@ -337,7 +353,7 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
     from raytimm.tracking import default_tracking_uri, find_run, make_logger, ray_job_tags, scrub_secrets
 
     run_name = cfg.run.name or default_run_name(cfg)
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=run_name))
+    cfg = absolutize_paths(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=run_name)))
     run_dir = storage.join(cfg.storage.path, run_name)
     scheme = storage.parse_uri(cfg.storage.path).scheme
     storage.configure(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
