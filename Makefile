@@ -32,7 +32,8 @@ demo: $(STAMP)
 	$(VENV)/bin/raytimm train --config configs/quickstart.yaml data.path=$(DEMO)/data storage.path=$(DEMO)/runs \
 		run.name=quickstart --result-json $(DEMO)/result.json
 	@$(PY) -c "import json; r=json.load(open('$(DEMO)/result.json')); \
-		print('best checkpoint:', r['best_checkpoint']); print('val/top1: %.1f' % r['best_metrics']['val/top1'])"
+		print('val/top1 of the best checkpoint: %.1f' % r['best_metrics']['val/top1'])"
+	@echo "serve it:  $(VENV)/bin/raytimm serve --checkpoint $(DEMO)/runs/quickstart"
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
