@@ -19,7 +19,7 @@ from torch import nn
 
 from raytimm import checkpoint as ckpt
 from raytimm.data.images import DEFAULT_MAX_PIXELS, decode_image
-from raytimm.errors import CheckpointError, ConfigError, DataError
+from raytimm.errors import CheckpointError, ConfigError, DataError, ImageError
 
 log = logging.getLogger(__name__)
 
@@ -300,11 +300,19 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, *, split: str = "val
 
     n_cls = pred.num_classes
     confusion = np.zeros((n_cls, n_cls), dtype=np.int64)
-    loss_sum, top5_hits, rows = 0.0, 0, []
+    loss_sum, top5_hits, rows, skipped = 0.0, 0, [], []
     k5 = min(5, n_cls)
     for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        batch = torch.stack([pred.preprocess(decode_image(p, max_pixels=pred.max_pixels)) for p, _ in chunk])
+        chunk, tensors = [], []
+        for path, label in samples[start:start + batch_size]:
+            try:
+                tensors.append(pred.preprocess(decode_image(path, max_pixels=pred.max_pixels)))
+                chunk.append((path, label))
+            except ImageError as exc:  # an unreadable file is reported, not fatal
+                skipped.append({"file": os.path.relpath(path, root), "reason": str(exc)})
+        if not chunk:
+            continue
+        batch = torch.stack(tensors)
         labels = torch.tensor([y for _, y in chunk])
         logits = pred.logits(batch)
         loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
@@ -315,11 +323,16 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, *, split: str = "val
             confusion[y, p] += 1
             rows.append((os.path.relpath(path, root), classes[y], pred.class_names[p], c))
 
-    n = len(samples)
+    n = len(rows)
+    if n == 0:
+        raise DataError(f"{data_uri}: none of the {len(samples)} images of the {split!r} split could be read")
+    if skipped:
+        log.warning("evaluate: skipped %d unreadable image(s), e.g. %s", len(skipped), skipped[0]["file"])
     correct = np.diag(confusion)
     support = confusion.sum(axis=1)
-    per_class = {name: (100.0 * float(correct[i]) / float(support[i]) if support[i] else None)
-                 for i, name in enumerate(pred.class_names)}
+    # Classes without images in this split have no accuracy; they are left out rather than shown as 0.
+    per_class = {name: 100.0 * float(correct[i]) / float(support[i])
+                 for i, name in enumerate(pred.class_names) if support[i]}
     if predictions_csv:
         write_predictions_csv(predictions_csv, rows)
     return {
@@ -333,6 +346,7 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, *, split: str = "val
         "checkpoint": pred.source,
         "split": split,
         "predictions_csv": str(predictions_csv) if predictions_csv else None,
+        "skipped": skipped,
     }
 
 

@@ -234,3 +234,11 @@ def test_predictor_and_evaluate_from_bucket(trained, s3_env, tmp_path):
     want = evaluate_checkpoint(trained["checkpoint"], data)
     assert got["top1"] == want["top1"] and got["num_samples"] == want["num_samples"] == 6
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+
+
+def test_evaluate_skips_unreadable_files(trained, tmp_path):
+    data = write_imagefolder(tmp_path / "data", per_class_val=2)
+    (tmp_path / "data" / "val" / "red" / "broken.png").write_bytes(b"not a png")
+    result = evaluate_checkpoint(trained["checkpoint"], data)
+    assert result["num_samples"] == 6
+    assert [s["file"] for s in result["skipped"]] == ["val/red/broken.png"]
