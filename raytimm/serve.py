@@ -226,7 +226,9 @@ def _load_from_model_id(model_id: str, *, weights_dir: Optional[str], max_pixels
 
 def _error_payload(exc: BaseException) -> dict:
     status = error_status(exc)
-    detail = str(exc) if status < 500 else "internal error while running the model"
+    # Our own errors name the file/URI and never hold secrets; anything else is a bug, not shown.
+    known = isinstance(exc, (HTTPError, RaytimmError))
+    detail = str(exc) if known else "internal error while running the model"
     return {"error": {"status": status, "detail": detail}}
 
 
@@ -266,7 +268,10 @@ class ModelServer:
         self._infer.set_batch_wait_timeout_s(float(config.get("batch_wait_ms", _DEFAULTS.batch_wait_ms)) / 1000.0)
         self._max_pixels = int(config.get("max_pixels", self._max_pixels))
         spec = {k: config.get(k) for k in ("checkpoint", "model_name", "num_classes")}
-        if not spec["checkpoint"] or spec == self._spec:
+        if not spec["checkpoint"]:
+            return
+        if spec == self._spec:
+            self._reload_error = None  # back to the model being served: an earlier failed reload no longer matters
             return
         from raytimm.predict import Predictor
         start = time.monotonic()
@@ -484,7 +489,7 @@ class Ingress:
         files = form.getlist("file")
         if not files:
             raise HTTPError(422, "missing 'file' field (multipart/form-data, one or more image files)")
-        arrays = []
+        uploads = []
         for i, f in enumerate(files):
             if not isinstance(f, UploadFile):
                 raise HTTPError(422, f"'file' field #{i + 1} is not a file upload")
@@ -492,11 +497,17 @@ class Ingress:
             data = await f.read()
             if not data:
                 raise HTTPError(400, f"{name}: empty file")
-            try:
-                arrays.append(await asyncio.to_thread(decode_image, data, max_pixels=self._max_pixels, name=name))
-            except ImageError as exc:
-                raise HTTPError(error_status(exc), str(exc)) from None
-        return arrays
+            uploads.append((name, data))
+        # Pillow releases the GIL while decoding: several files decode in parallel threads.
+        decoded = await asyncio.gather(
+            *(asyncio.to_thread(decode_image, data, max_pixels=self._max_pixels, name=name) for name, data in uploads),
+            return_exceptions=True)
+        for result in decoded:  # the first bad file in request order decides the answer
+            if isinstance(result, ImageError):
+                raise HTTPError(error_status(result), str(result))
+            if isinstance(result, BaseException):
+                raise result
+        return list(decoded)
 
     async def _run(self, images: list, top_k: int, model_id: Optional[str] = None) -> dict:
         handle = self._model.options(multiplexed_model_id=model_id) if model_id else self._model

@@ -429,6 +429,12 @@ def test_failed_reload_keeps_old_model_and_reports(env):
     r = _post(env, "/predict", files=[_file()])
     assert r.status_code == 200 and r.json()["predicted_class"] == "RED"
     assert requests.get(env["url"] + "/healthz", timeout=10).status_code == 200
+    # Going back to the served checkpoint clears the error.
+    rs.deploy(env["args"].model_copy(update={"checkpoint": env["ckpt2"]}))
+    deadline = time.monotonic() + 120
+    while env["s"].get(env["url"] + "/model", timeout=10).json()["reload_error"]:
+        assert time.monotonic() < deadline, "reload error was never cleared"
+        time.sleep(0.2)
 
 
 def test_serve_args_parse_cli_style():
