@@ -239,9 +239,13 @@ def absolutize_paths(cfg: Config) -> Config:
             p = p[len("file://"):]
         return os.path.abspath(os.path.expanduser(p))
 
+    def node_local(p: str) -> str:
+        # `~` and `$VAR` name each node's own disk: the worker expands them (train_loop_per_worker).
+        return p if p.startswith("~") or "$" in p else fix(p)
+
     return dataclasses.replace(
         cfg,
-        data=dataclasses.replace(cfg.data, path=fix(cfg.data.path) or "", cache_dir=fix(cfg.data.cache_dir)),
+        data=dataclasses.replace(cfg.data, path=fix(cfg.data.path) or "", cache_dir=node_local(cfg.data.cache_dir)),
         storage=dataclasses.replace(cfg.storage, path=fix(cfg.storage.path)),
         model=dataclasses.replace(cfg.model, pretrained_file=fix(cfg.model.pretrained_file),
                                   init_checkpoint=fix(cfg.model.init_checkpoint)),
