@@ -27,7 +27,9 @@ def ray_head(tmp_path_factory):
     """A real head node on 127.0.0.1 with the dashboard (job server) on a free port."""
     temp = tmp_path_factory.mktemp("rayhead")
     gcs, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # `ray start` turns token auth on and keeps the token in ~/.ray/auth_token; the `ray job`
+    # CLI of Ray 2.60 only sends it when RAY_AUTH_MODE=token (README documents this).
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
@@ -45,7 +47,36 @@ def ray_head(tmp_path_factory):
             time.sleep(2)
         yield address, env
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_head(str(temp))
+
+
+def _pids_with(needle: str) -> list[int]:
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            cmd = Path("/proc", d, "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if needle in cmd and int(d) != os.getpid():
+            pids.append(int(d))
+    return pids
+
+
+def _stop_head(temp_dir: str) -> None:
+    """Stop only this head's processes (`ray stop` would stop every Ray on the machine)."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        for pid in _pids_with(temp_dir):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.time() + wait
+        while _pids_with(temp_dir) and time.time() < deadline:
+            time.sleep(0.5)
 
 
 def test_ray_job_submit_trains_quickstart(ray_head, tmp_path):
