@@ -183,9 +183,11 @@ class TrackingCallback(ray.train.UserCallback):
                 logger.log_metrics(metrics, step=step)
 
     def _better(self, value: float) -> bool:
+        # Ties go to the later checkpoint, as in Ray's own ranking: the best pointer must name a
+        # checkpoint that Ray's num_to_keep retention keeps.
         if self.best_value is None:
             return True
-        return value > self.best_value if self.mode == "max" else value < self.best_value
+        return value >= self.best_value if self.mode == "max" else value <= self.best_value
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         from raytimm.checkpoint import write_best_pointer, write_latest_pointer
@@ -425,8 +427,12 @@ def _best(result, metric: str, mode: str) -> tuple[Optional[Checkpoint], dict]:
     pairs = [(c, m) for c, m in pairs if metric in m]
     if not pairs:
         return result.checkpoint, dict(result.metrics or {})
-    key = (lambda cm: cm[1][metric])
-    c, m = (max if mode == "max" else min)(pairs, key=key)
+    best = None
+    for c, m in pairs:  # ties go to the later checkpoint, like Ray's retention
+        v = m[metric] if mode == "max" else -m[metric]
+        if best is None or v >= best[0]:
+            best = (v, c, m)
+    _, c, m = best
     return c, {k: v for k, v in m.items() if isinstance(v, (int, float))}
 
 
