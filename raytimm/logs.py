@@ -19,6 +19,8 @@ NOISE_PATTERNS = [
     # Train V2 logs each worker's report at INFO; the epoch summary line already says it.
     re.compile(r"Reporting training result \d+: TrainingReport"),
     re.compile(r"Tip: to disable this warning"),
+    # Serve's controller logs this on every clean shutdown.
+    re.compile(r"Task ServeController.graceful_shutdown failed"),
     # Local clusters always use token auth (README explains it); the notice is not actionable.
     re.compile(r"Token authentication is enabled for this Ray cluster"),
     re.compile(r"The `RunConfig` was not"),

@@ -1,0 +1,115 @@
+"""The README's curl examples, run verbatim (port swapped) against a real `raytimm serve`."""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+pytestmark = [pytest.mark.serve, pytest.mark.e2e, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def readme_curl_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- curl-examples:start -->\s*```bash\n(.*?)```", text, re.S)
+    assert block, "README.md lost its curl-examples block"
+    commands, current = [], ""
+    for line in block.group(1).splitlines():
+        current += line.rstrip("\\").rstrip() + " "
+        if not line.rstrip().endswith("\\"):
+            commands.append(current.strip())
+            current = ""
+    return [c for c in commands if c]
+
+
+def test_readme_has_both_endpoints():
+    cmds = readme_curl_commands()
+    assert any("/predict" in c for c in cmds) and any("/inference/quick" in c for c in cmds)
+
+
+@pytest.fixture(scope="module")
+def quickstart_tree(tmp_path_factory):
+    """The README's layout: data/demo and runs/quickstart, trained in-process (small and quick)."""
+    from raytimm.config import load_config
+    from raytimm.data.demo import make_demo_dataset
+    from raytimm.engine import fit
+
+    work = tmp_path_factory.mktemp("readme")
+    make_demo_dataset(str(work / "data" / "demo"), classes=4, per_class=12, size=48, seed=0)
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml",
+                      [f"data.path={work / 'data' / 'demo'}", f"storage.path={work / 'runs'}", "run.name=quickstart",
+                       "train.epochs=1", "mlflow.enabled=false", "scaling.num_workers=1"])
+    fit(cfg, num_threads=2)
+    assert (work / "runs" / "quickstart" / "best").exists()
+    return work
+
+
+@pytest.fixture(scope="module")
+def served(quickstart_tree):
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAYTIMM_API_TOKEN", None)
+    proc = subprocess.Popen([str(BIN / "raytimm"), "serve", "--checkpoint", "runs/quickstart", "--port", str(port),
+                             "--num-cpus", "0.5"],
+                            cwd=quickstart_tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines = []
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+            if f"127.0.0.1:{port}" in line and "serving" in line:
+                break
+        else:
+            raise AssertionError("raytimm serve did not become ready:\n" + "".join(lines[-40:]))
+        assert proc.poll() is None, "raytimm serve exited:\n" + "".join(lines[-40:])
+        yield port
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the command shuts Serve and Ray down itself
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert proc.returncode in (0, -signal.SIGINT, 130), proc.returncode
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_readme_curl_examples_work(served, quickstart_tree):
+    outputs = []
+    for cmd in readme_curl_commands():
+        cmd = cmd.replace("127.0.0.1:8000", f"127.0.0.1:{served}")
+        r = subprocess.run(["bash", "-c", cmd + " -w '\\n%{http_code}'"], cwd=quickstart_tree, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, (cmd, r.stderr)
+        body, _, code = r.stdout.rpartition("\n")
+        assert code == "200", (cmd, code, body)
+        outputs.append((cmd, json.loads(body)))
+    by_route = {re.search(r"/(predict|inference/quick|healthz|model)\b", c).group(1): out for c, out in outputs}
+    for route in ("predict", "inference/quick"):
+        out = by_route[route]
+        assert out["task_type"] == "image_classification"
+        assert len(out["top_k_predictions"]) == 3
+        assert out["predicted_class"] == out["top_k_predictions"][0]["class_name"]
+        assert out["top_k_predictions"][0]["class_name"] in {"circle_red", "cross_orange", "square_blue",
+                                                             "triangle_green"}
+    assert by_route["model"]["class_names"] == ["circle_red", "cross_orange", "square_blue", "triangle_green"]
