@@ -216,3 +216,36 @@ def test_shipped_sweeps_exist():
 
 def test_dimension_describes_itself():
     assert Dimension("train.lr", "loguniform", (1e-4, 1e-2)).describe() == "train.lr: loguniform [0.0001, 0.01]"
+
+
+def test_optuna_searcher_samples_the_parsed_space_with_dotted_keys():
+    # Only Tune's search layer: no cluster. Optuna gets the same domains the random searcher does.
+    pytest.importorskip("optuna")
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raytimm.ray_tune import to_param_space
+
+    space = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "train.batch_size": {"quniform": [16, 64, 16]},
+             "model.name": {"choice": ["resnet18", "test_vit"]}, "train.epochs": {"randint": [2, 5]}}
+    dims = parse_search_space(space, Config())
+    check_searcher(dims, "optuna")
+    searcher = OptunaSearch(seed=0)
+    assert searcher.set_search_properties("val/loss", "min", to_param_space(dims))
+    for i in range(3):
+        suggested = searcher.suggest(f"t{i}")
+        cfg = apply_trial_config(Config(), suggested)  # every suggestion is a valid config
+        assert 1e-4 <= cfg.train.lr <= 1e-2 and cfg.train.batch_size in (16, 32, 48, 64)
+        assert cfg.model.name in ("resnet18", "test_vit") and 2 <= cfg.train.epochs < 5
+
+
+def test_cli_reports_a_search_space_error_naming_the_key_before_starting_ray(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    raytimm = Path(sys.executable).with_name("raytimm")
+    r = subprocess.run([str(raytimm), "tune", "--config", "configs/tune/demo_asha.yaml", f"storage.path={tmp_path}",
+                        "tune.search_space={train.lrr: {loguniform: [1.0e-4, 1.0e-2]}}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "tune.search_space.train.lrr" in r.stderr and "did you mean 'train.lr'" in r.stderr
+    assert not any(tmp_path.iterdir())  # nothing ran
