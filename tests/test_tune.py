@@ -250,6 +250,7 @@ def _tune_cmd(data: str, runs: Path, tracking_uri: str, result_json: Path) -> li
             "--result-json", str(result_json)]
 
 
+@pytest.mark.e2e
 def test_rerun_after_a_driver_crash_resumes_without_rerunning_finished_trials(
         ray_cluster, demo_data, mlflow_server, tmp_path):
     import ray
