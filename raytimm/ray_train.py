@@ -30,7 +30,7 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 
 from raytimm import storage  # noqa: E402
 from raytimm.config import Config, config_from_dict, config_to_dict, dump_yaml, flatten_config  # noqa: E402
-from raytimm.errors import RaytimmError  # noqa: E402
+from raytimm.errors import CheckpointError, RaytimmError  # noqa: E402
 
 log = logging.getLogger("raytimm.train")
 
@@ -111,15 +111,22 @@ def train_loop_per_worker(config: dict) -> None:
         latest = ray.train.get_checkpoint()
         if latest is not None:
             resume_dir = latest.to_directory(os.path.join(tmp, "ckpt"))
-        engine.fit(
-            cfg,
-            prepare_model=ray.train.torch.prepare_model,
-            prepare_loader=ray.train.torch.prepare_data_loader,
-            report=report,
-            resume_state_dir=resume_dir,
-            device=ray.train.torch.get_device(),
-            num_threads=cfg.train.threads or cpus,
-        )
+        try:
+            engine.fit(
+                cfg,
+                prepare_model=ray.train.torch.prepare_model,
+                prepare_loader=ray.train.torch.prepare_data_loader,
+                report=report,
+                resume_state_dir=resume_dir,
+                device=ray.train.torch.get_device(),
+                num_threads=cfg.train.threads or cpus,
+            )
+        except CheckpointError as e:
+            # Name the checkpoint the user can find, not this worker's temporary copy of it.
+            if resume_dir and resume_dir in str(e):
+                scheme = storage.parse_uri(cfg.storage.path).scheme
+                raise CheckpointError(str(e).replace(resume_dir, checkpoint_uri(latest.path, scheme))) from None
+            raise
 
 
 def _bucket_upload_fn(run_dir: str):
