@@ -197,7 +197,7 @@ class RunConfig:
 
 @dataclass
 class TuneConfig:
-    name: Optional[str] = _f(None, "Sweep name (folder under storage.path); default tune-<model>-<timestamp>.")
+    name: Optional[str] = _f(None, "Sweep name (folder under storage.path); default tune-<model>-<config hash>, so the same config resumes.")
     num_samples: int = _f(4, "Samples drawn per grid point.")
     scheduler: Literal["asha", "fifo"] = _f("asha", "Trial scheduler: asha (early stopping) or fifo.")
     searcher: Literal["random", "optuna"] = _f("random", "Search algorithm: random/grid, or optuna.")
@@ -209,6 +209,9 @@ class TuneConfig:
     search_space: dict[str, Any] = _f({}, "Dotted config key -> {choice|grid|uniform|loguniform|randint|quniform: args}.")
 
     def validate(self, p: str) -> None:
+        if self.name is not None:
+            bad = (not self.name.strip()) or "/" in self.name or "\\" in self.name or self.name in (".", "..")
+            _check(not bad, f"{p}.name", self.name, "a non-empty name without path separators")
         _check(self.num_samples >= 1, f"{p}.num_samples", self.num_samples, ">= 1")
         _check(self.grace_period >= 1, f"{p}.grace_period", self.grace_period, ">= 1")
         _check(self.reduction_factor >= 2, f"{p}.reduction_factor", self.reduction_factor, ">= 2")
