@@ -299,7 +299,7 @@ def main(argv=None) -> int:
         loads["end"] = loadavg()
 
     baseline = (steady(a1) + steady(a2)) / 2
-    rows = [("(a) plain timm loop, first", a1, None), ("(a) plain timm loop, after (c)", a2, None),
+    rows = [("(a) plain timm loop, first", a1, None), ("(a) plain timm loop, after (c)" if c is not None else "(a) plain timm loop, again", a2, None),
             ("(b) raytimm engine.fit, 1 process", b, b_wall)]
     if c is not None:
         rows.append(("(a) plain timm loop, local Ray idle (not in the baseline)", a_ray, None))
