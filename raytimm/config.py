@@ -314,9 +314,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise bad()
     if origin is Literal:
         choices = typing.get_args(tp)
-        # YAML reads `true`/`false` as booleans; accept them for string literals like "true".
-        if isinstance(value, bool) and str(value).lower() in choices:
-            return str(value).lower()
+        # YAML 1.1 reads true/false/on/off/yes/no as booleans; map them back for string literals
+        # such as train.amp: off or train.channels_last: true.
+        if isinstance(value, bool):
+            for word in (("true", "on", "yes") if value else ("false", "off", "no")):
+                if word in choices:
+                    return word
         if value in choices:
             return value
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)

@@ -70,6 +70,7 @@ def test_overrides_win_over_file(tmp_path):
     ("data.split_ratio=1.0", "data.split_ratio=1.0 is out of range: expected a number in (0, 1)"),
     ("data.split_ratio=0", "data.split_ratio"),
     ("train.amp=bf61", "train.amp='bf61' is not allowed"),
+    ("train.channels_last=maybe", "train.channels_last='maybe' is not allowed"),
     ("checkpoint.metric=val/acc", "checkpoint.metric='val/acc' is out of range"),
     ("data.format=coco", "data.format='coco' is not allowed"),
     ("run.name=../x", "run.name='../x'"),
@@ -198,3 +199,11 @@ def test_cli_config_keys_lists_all_keys():
     assert r.returncode == 0
     for key in ("train.lr", "scaling.num_workers", "storage.path", "tune.search_space", "serve.allow"):
         assert key in r.stdout
+
+
+def test_yaml_booleans_map_back_to_string_choices():
+    # YAML 1.1 reads `off` and `true` as booleans; the string choices still apply.
+    cfg = load_config(None, ["train.amp=off", "train.channels_last=true"])
+    assert cfg.train.amp == "off" and cfg.train.channels_last == "true"
+    cfg = load_config(None, ["train.channels_last=false"])
+    assert cfg.train.channels_last == "false"
