@@ -1,7 +1,6 @@
 """distributed.py and exact evaluation across ranks, in a real 2-process gloo group (no Ray)."""
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -12,14 +11,11 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from raytimm import distributed as du
 from raytimm.engine import UnpaddedDistributedSampler, evaluate
 
+from tests.helpers_net import free_port
+
 NUM_CLASSES = 3
 NUM_VAL = 7  # odd: a padding DistributedSampler would count 8 images on 2 ranks
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _val_set() -> TensorDataset:
@@ -67,7 +63,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -107,7 +103,7 @@ def test_fit_on_two_ranks_keeps_ranks_identical_and_counts_val_once(tmp_path):
     from raytimm.data.demo import make_demo_dataset
 
     root = make_demo_dataset(tmp_path / "data", classes=3, per_class=12, size=32)  # 9 val images: odd
-    mp.spawn(_fit_worker, args=(2, _free_port(), root, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_fit_worker, args=(2, free_port(), root, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"fit{r}.pt", weights_only=True) for r in range(2))
     for k, v in r0["state"].items():  # parameters and BatchNorm buffers alike
         assert torch.equal(v, r1["state"][k]), k

@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -10,23 +9,20 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers_net import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A real head node on 127.0.0.1 with the dashboard (job server) on a free port."""
     temp = tmp_path_factory.mktemp("rayhead")
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     # `ray start` turns token auth on and keeps the token in ~/.ray/auth_token; the `ray job`
     # CLI of Ray 2.60 only sends it when RAY_AUTH_MODE=token (README documents this).
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}

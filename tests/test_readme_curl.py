@@ -4,7 +4,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers_net import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 pytestmark = [pytest.mark.serve, pytest.mark.e2e, pytest.mark.slow]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def readme_curl_commands() -> list[str]:
@@ -61,7 +57,7 @@ def quickstart_tree(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(quickstart_tree):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAYTIMM_API_TOKEN", None)

@@ -6,7 +6,6 @@ be checked against the image that was sent and against the Predictor run locally
 import concurrent.futures as cf
 import json
 import os
-import socket
 import threading
 import time
 
@@ -19,17 +18,12 @@ from raytimm import serve as rs
 from raytimm.predict import Predictor
 from tests import helpers_images as hi
 from tests.test_predict import CLASSES, MODEL, color_image, make_trained_checkpoint, png_bytes
+from tests.helpers_net import free_port
 
 
 TOKEN = "test-token-0123456789"
 MAX_UPLOAD_MB = 2
 
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import pytest
 
 from raytimm import storage
 from raytimm.errors import StorageError
-from tests.fixtures.s3 import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, free_port, start_moto_server
+from tests.fixtures.s3 import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, start_moto_server
+from tests.helpers_net import free_port
 
 MiB = 1024 * 1024
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.s3 import REGION, free_port
+from tests.fixtures.s3 import REGION
+from tests.helpers_net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RAYTIMM = [sys.executable, "-m", "raytimm.cli"]

@@ -11,7 +11,7 @@ import pytest
 
 from raytimm import tracking
 from raytimm.tracking import MetricLogger, MlflowLogger, NullLogger, make_logger
-from tests.fixtures.mlflow_server import free_port
+from tests.helpers_net import free_port
 
 EXPERIMENT = "raytimm-tests"
 
