@@ -424,6 +424,9 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
                       latest_checkpoint=latest_uri, mlflow_run_id=logger.run_id if logger else None,
                       epochs=int((result.metrics or {}).get("epoch", 0)))
     if logger is not None:
+        # A fresh logger on the same run knows every (metric, epoch) the controller's thread
+        # logged, so the backfill from the checkpoint history adds only what it had not sent yet.
+        logger = make_logger(**mlflow_kwargs)
         _log_final_artifacts(logger, best_uri, out)
         logger.finish("FINISHED")
     return out
@@ -444,34 +447,36 @@ def _best(result, metric: str, mode: str) -> tuple[Optional[Checkpoint], dict]:
 
 
 def _log_final_artifacts(logger, best_uri: Optional[str], out: TrainResult) -> None:
-    """Tags with checkpoint URIs; best epoch's confusion matrix, per-class CSV, curves, classes.txt."""
-    from raytimm.checkpoint import load_meta
+    """Backfilled epoch metrics; tags with checkpoint URIs; classes.txt, the best epoch's confusion
+    matrix and per-class CSV, and the loss/accuracy curves of the whole run."""
     from raytimm import plots
+    from raytimm.checkpoint import load_meta
 
-    tags = {"raytimm.best_checkpoint": best_uri or "", "raytimm.latest_checkpoint": out.latest_checkpoint or ""}
-    logger.set_tags(tags)
-    if not best_uri:
-        return
+    logger.set_tags({"raytimm.best_checkpoint": best_uri or "", "raytimm.latest_checkpoint": out.latest_checkpoint or ""})
     try:
-        meta = load_meta(best_uri)
+        best = load_meta(best_uri) if best_uri else {}
+        latest = load_meta(out.latest_checkpoint) if out.latest_checkpoint else best
     except Exception as e:  # artifacts are a courtesy; the run itself succeeded
-        log.warning("could not read %s for MLflow artifacts: %s", best_uri, e)
+        log.warning("could not read checkpoint metadata for MLflow artifacts: %s", e)
         return
+    history = latest.get("history") or []
+    for h in history:
+        if "epoch" in h:
+            logger.log_metrics({k: float(v) for k, v in h.items() if isinstance(v, (int, float))}, step=int(h["epoch"]))
     with tempfile.TemporaryDirectory() as tmp:
-        names = meta.get("class_names") or []
+        names = best.get("class_names") or latest.get("class_names") or []
         p = os.path.join(tmp, "classes.txt")
         with open(p, "w", encoding="utf-8") as f:
             f.write("\n".join(names) + "\n")
         logger.log_artifact(p)
-        cm = meta.get("confusion_matrix")
+        cm = best.get("confusion_matrix")
         if cm:
             png, csv = os.path.join(tmp, "confusion_matrix.png"), os.path.join(tmp, "per_class.csv")
-            plots.confusion_matrix_png(cm, names, png, title=f"best epoch {meta.get('epoch')}")
+            plots.confusion_matrix_png(cm, names, png, title=f"best epoch {best.get('epoch')}")
             plots.per_class_csv(cm, names, csv)
             logger.log_artifact(png)
             logger.log_artifact(csv)
-        hist = meta.get("history")
-        if hist:
+        if history:
             png = os.path.join(tmp, "curves.png")
-            plots.curves_png(hist, png)
+            plots.curves_png(history, png)
             logger.log_artifact(png)
