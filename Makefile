@@ -17,7 +17,7 @@ install: $(STAMP)
 
 # The whole suite: unit tests, then real Ray / MLflow server / S3 server / Serve / CLI tests.
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 # Unit tests only (no Ray, no servers).
 test-fast: $(STAMP)
