@@ -61,6 +61,9 @@ class TrainResult:
 
 # ------------------------------------------------------------------ Ray session
 
+_LOCAL_RAY = {"started": False}  # whether this process started its own (fixed-size) local Ray
+
+
 def init_ray(*, num_cpus: Optional[int] = None, include_dashboard: Optional[bool] = None) -> None:
     """Join the cluster in RAY_ADDRESS (as under `ray job submit`) or start a quiet local Ray."""
     if ray.is_initialized():
@@ -71,6 +74,27 @@ def init_ray(*, num_cpus: Optional[int] = None, include_dashboard: Optional[bool
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, **kwargs)
+        _LOCAL_RAY["started"] = True
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail fast when the workers can never fit; Ray Train would otherwise wait for them forever.
+
+    On a local Ray this process started, the cluster cannot grow, so a shortfall is an error that
+    names the keys to change. On a joined cluster an autoscaler may add nodes: only warn.
+    """
+    scaling = _scaling(cfg)
+    need = {k: v * cfg.scaling.num_workers for k, v in scaling.resources_per_worker.items() if v}
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if have.get(k, 0.0) + 1e-9 < v}
+    if not short:
+        return
+    what = ", ".join(f"{v:g} {k} (cluster has {h:g})" for k, (v, h) in short.items())
+    msg = (f"scaling.num_workers={cfg.scaling.num_workers} needs {what}: lower scaling.num_workers or "
+           f"scaling.cpus_per_worker, or set scaling.use_gpu=false")
+    if _LOCAL_RAY["started"]:
+        raise RaytimmError(msg)
+    log.warning("%s; waiting for the cluster to provide them", msg)
 
 
 def _verbose() -> bool:
@@ -383,6 +407,9 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
                            latest_checkpoint=done.get("checkpoint"), mlflow_run_id=None,
                            epochs=int(done["metrics"].get("epoch", 0)), status="already_complete")
 
+    init_ray()
+    check_resources(cfg)
+
     # MLflow: one run per training run name, continued when the same run name comes back.
     mlflow_kwargs = None
     logger = None
@@ -398,7 +425,6 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
             logger.set_tags({"raytimm.run_dir": run_dir, **ray_job_tags()})
             logger.log_text(dump_yaml(cfg), "config.yaml")
 
-    init_ray()
     callback = TrackingCallback(run_dir=run_dir, scheme=scheme, metric=cfg.checkpoint.metric,
                                 mode=cfg.checkpoint.mode, mlflow_kwargs=mlflow_kwargs,
                                 endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)

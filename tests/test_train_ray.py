@@ -171,3 +171,16 @@ def test_same_run_name_resumes_then_reports_complete(ray_local, demo_data, tmp_p
     assert third.status == "already_complete"
     assert "already complete" in capsys.readouterr().out
     assert sorted(p.name for p in run_dir.glob("checkpoint_0*") if p.is_dir()) == ["checkpoint_000001", "checkpoint_000002"]
+
+
+def test_workers_that_cannot_fit_a_local_ray_fail_fast_naming_the_key(ray_local, demo_data, tmp_path):
+    from raytimm.errors import RaytimmError
+    from raytimm.ray_train import train
+
+    root, _ = demo_data
+    # The module's local Ray has 2 CPUs and no GPU; Ray Train alone would wait for these forever.
+    with pytest.raises(RaytimmError, match=r"scaling.num_workers=3 needs 3 CPU \(cluster has 2\)"):
+        train(_cfg(root, tmp_path / "runs", "run.name=toobig", "scaling.num_workers=3"))
+    with pytest.raises(RaytimmError, match=r"needs 1 GPU \(cluster has 0\).*scaling.use_gpu=false"):
+        train(_cfg(root, tmp_path / "runs", "run.name=nogpu", "scaling.num_workers=1", "scaling.use_gpu=true"))
+    assert not (tmp_path / "runs" / "toobig").exists()
