@@ -193,8 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", cmd_train, "train with Ray Train (DDP over N workers; GPUs when present)"),
         ("tune", cmd_tune, "sweep hyperparameters with Ray Tune (ASHA early stopping)"),
     ):
-        s = sub.add_parser(name, help=helptext, formatter_class=fmt, epilog=EPILOG_OVERRIDES,
-                           description=helptext[0].upper() + helptext[1:] + ".")
+        desc = helptext[0].upper() + helptext[1:] + "."
+        if name == "tune":
+            desc += textwrap.dedent("""
+
+                The config's tune section sets the sweep (see configs/tune/):
+                  tune:
+                    num_samples: 4          # samples per grid point
+                    scheduler: asha         # or fifo
+                    metric: val/top1
+                    search_space:
+                      train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+                      model.name: {grid: [resnet18, efficientnet_b0]}
+                Distributions: choice, grid, uniform, loguniform, randint, quniform. The sweep folder
+                storage.path/<tune.name> gets trials.csv and a `best` pointer; rerunning resumes it.""")
+        s = sub.add_parser(name, help=helptext, formatter_class=fmt, epilog=EPILOG_OVERRIDES, description=desc)
         s.add_argument("--config", help="YAML config (see configs/)")
         if name == "train":
             s.add_argument("--request", help="the platform's TrainingRequest JSON instead of (or on top of) --config")
