@@ -109,6 +109,9 @@ def test_bad_files_are_reported_and_left_out(tmp_path):
     assert {Path(p) for p, _ in scan.bad_files} == bad
     reasons = dict(scan.bad_files)
     assert "truncated" in reasons[str(tmp_path / "train" / "cat" / "trunc.jpg")]
+    # The PNG is caught by the cheaper chunk check, not a decode, yet reads like decode_image's error.
+    assert reasons[str(tmp_path / "train" / "cat" / "trunc.png")].startswith("cannot decode image, file is truncated")
+    assert reasons[str(tmp_path / "train" / "dog" / "text.jpg")] == "not a recognised image format"
     assert "exceeds the limit" in reasons[str(tmp_path / "train" / "dog" / "bomb.png")]
     kept = {Path(p) for p, _ in scan.train + scan.val}
     assert not kept & bad

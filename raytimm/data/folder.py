@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from raytimm.data.images import DEFAULT_MAX_PIXELS, check_pixel_limit, decode_image
+from raytimm.data.images import DEFAULT_MAX_PIXELS, check_pixel_limit, decode_image, pillow_errors
 from raytimm.errors import ConfigError, DataError, ImageError
 
 log = logging.getLogger(__name__)
@@ -127,22 +127,19 @@ def verify_image_file(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     else (a JPEG without that marker, BMP/WebP/TIFF) is fully decoded, the only sure way for those.
     """
     try:
-        with Image.open(path) as im:
-            check_pixel_limit(im.size, max_pixels, path)
-            fmt = im.format
-            if fmt == "PNG":
-                im.verify()
+        with pillow_errors(path):
+            with Image.open(path) as im:
+                check_pixel_limit(im.size, max_pixels, path)
+                fmt = im.format
+                if fmt == "PNG":
+                    im.verify()
+                    return None
+            if fmt == "JPEG" and _ends_with_jpeg_eoi(path):
                 return None
-        if fmt == "JPEG" and _ends_with_jpeg_eoi(path):
-            return None
         decode_image(path, max_pixels=max_pixels)
         return None
     except ImageError as exc:
         return str(exc).removeprefix(f"{path}: ")
-    except Image.UnidentifiedImageError:
-        return "not a recognised image format"
-    except Exception as exc:  # noqa: BLE001 - any failure to read is a bad file, reported not raised
-        return f"cannot read image, file is truncated or corrupt ({type(exc).__name__}: {str(exc).strip() or 'no detail'})"
 
 
 def _ends_with_jpeg_eoi(path: str) -> bool:

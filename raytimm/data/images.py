@@ -6,8 +6,10 @@ before a single pixel is decoded.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -42,13 +44,23 @@ def decode_image(
     else:
         label = name or os.fspath(src)
         fp = os.fspath(src)
+    with pillow_errors(label), Image.open(fp) as im:
+        check_pixel_limit(im.size, max_pixels, label)
+        # load() is where truncated or corrupt data surfaces; it must stay inside pillow_errors.
+        im.load()
+        im = _apply_exif_orientation(im)
+        return to_rgb_array(im, label)
+
+
+@contextlib.contextmanager
+def pillow_errors(label: str) -> Iterator[None]:
+    """Turn whatever opening or decoding an image raises into ImageError / ImageTooLargeError naming label.
+
+    The one translation of Pillow's failures: decode_image and the dataset scan's cheaper verify
+    (folder.verify_image_file) both run inside it, so a bad file reads the same everywhere.
+    """
     try:
-        with Image.open(fp) as im:
-            check_pixel_limit(im.size, max_pixels, label)
-            # load() is where truncated or corrupt data surfaces; it must stay inside this handler.
-            im.load()
-            im = _apply_exif_orientation(im)
-            return to_rgb_array(im, label)
+        yield
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
