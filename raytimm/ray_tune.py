@@ -320,27 +320,20 @@ def to_param_space(dims: Sequence[Dimension]) -> dict:
     return {d.key: _to_domain(d) for d in dims}
 
 
-def _absolute(path: Optional[str]) -> Optional[str]:
-    """A local path made absolute (Tune runs each trial's driver inside the trial's folder); URIs unchanged."""
-    if not path:
-        return path
-    if path.startswith("file://"):
-        path = path[len("file://"):]
-    elif "://" in path:
-        return path
-    return os.path.abspath(os.path.expanduser(path))
-
-
 def _absolutize(cfg: Config) -> Config:
-    """cfg with every local path absolute, so trial drivers (chdir'ed by Tune) find them."""
-    d = config_to_dict(cfg)
-    for sec, key in (("data", "path"), ("storage", "path"), ("model", "pretrained_file"),
-                     ("model", "init_checkpoint"), ("data", "cache_dir")):
-        d[sec][key] = _absolute(d[sec][key])
-    tracking = d["mlflow"]["tracking_uri"]
+    """cfg with local paths absolute, so trial drivers (chdir'ed by Tune) find them.
+
+    The data/storage/model paths go through ``ray_train.absolutize_paths`` (which keeps a
+    ``~``/``$VAR`` cache_dir for each node to expand); a relative sqlite tracking store is added here.
+    """
+    from raytimm.ray_train import absolutize_paths
+
+    cfg = absolutize_paths(cfg)
+    tracking = cfg.mlflow.tracking_uri
     if tracking and tracking.startswith("sqlite:///") and not tracking.startswith("sqlite:////"):
-        d["mlflow"]["tracking_uri"] = "sqlite:///" + os.path.abspath(tracking[len("sqlite:///"):])
-    return config_from_dict(d)
+        tracking = "sqlite:///" + os.path.abspath(tracking[len("sqlite:///"):])
+        cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=tracking))
+    return cfg
 
 
 def _trial_driver(config: dict, *, base: dict, tune_dir: str, tracking_uri: Optional[str],

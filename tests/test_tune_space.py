@@ -1,4 +1,4 @@
-"""Search-space parsing, trial configs, sweep naming and result tables: no Ray cluster, no torch."""
+"""Search-space parsing, trial configs, sweep naming and result tables: no Ray cluster (a few tests import Ray)."""
 from __future__ import annotations
 
 import csv
@@ -249,3 +249,18 @@ def test_cli_reports_a_search_space_error_naming_the_key_before_starting_ray(tmp
     assert r.returncode == 2, r.stdout + r.stderr
     assert "tune.search_space.train.lrr" in r.stderr and "did you mean 'train.lr'" in r.stderr
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+
+def test_sweep_paths_are_absolute_for_chdired_trial_drivers_but_the_cache_stays_node_local(tmp_path, monkeypatch):
+    # Tune runs each trial's driver inside the trial folder: relative paths must be fixed on the driver.
+    from raytimm.ray_tune import _absolutize
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _absolutize(load_config(None, ["data.path=data", "storage.path=runs", "mlflow.tracking_uri=sqlite:///ml.db",
+                                         "data.cache_dir=$LOCAL_SSD/raytimm"]))
+    assert cfg.data.path == str(tmp_path / "data") and cfg.storage.path == str(tmp_path / "runs")
+    assert cfg.mlflow.tracking_uri == f"sqlite:///{tmp_path / 'ml.db'}"
+    assert cfg.data.cache_dir == "$LOCAL_SSD/raytimm"  # each node expands its own
+    remote = _absolutize(load_config(None, ["data.path=s3://b/data", "storage.path=r2://b/runs"]))
+    assert (remote.data.path, remote.storage.path) == ("s3://b/data", "r2://b/runs")
