@@ -84,6 +84,14 @@ def test_demo_dice_export_converts(tmp_path):
     assert summary.skipped_total == 0
 
 
+def test_demo_dice_holds_the_same_pictures_as_the_imagefolder_demo(tmp_path):
+    dice = Path(make_demo_dice(tmp_path / "dice", classes=2, per_class=3, size=24, seed=5))
+    folder = Path(make_demo_dataset(tmp_path / "folder", classes=2, per_class=3, size=24, seed=5))
+    in_dice = {p.name: p.read_bytes() for p in (dice / "images").glob("*.png")}
+    in_folder = {p.name: p.read_bytes() for p in folder.rglob("*.png")}
+    assert len(in_dice) == 6 and in_dice == in_folder
+
+
 @pytest.mark.slow
 def test_demo_is_learnable_by_a_tiny_cnn(tmp_path):
     torch.manual_seed(0)

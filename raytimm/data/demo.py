@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +58,11 @@ def make_demo_dataset(
     root = _fresh_folder(output_dir)
     names = demo_class_names(classes)
     n_val = min(per_class - 1, max(1, round(per_class * val_fraction))) if val_fraction > 0 and per_class > 1 else 0
-    for c, name in enumerate(names):
-        for split in ("train", "val") if n_val else ("train",):
+    for split in ("train", "val") if n_val else ("train",):
+        for name in names:
             (root / split / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            image, _ = render_shape(c, size, np.random.default_rng([seed, c, i]))
-            split = "val" if i < n_val else "train"
-            image.save(root / split / name / f"{name}_{i:04d}.png")
+    for name, i, stem, image, _ in _demo_images(classes, per_class, size, seed):
+        image.save(root / ("val" if i < n_val else "train") / name / f"{stem}.png")
     (root / "classes.txt").write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
     return str(root)
 
@@ -81,29 +80,39 @@ def make_demo_dice(
     root = _fresh_folder(output_dir)
     (root / "images").mkdir()
     (root / "annotations").mkdir()
+    for name, _, stem, image, box in _demo_images(classes, per_class, size, seed):
+        image.save(root / "images" / f"{stem}.png")
+        annotation = {
+            "version": "5.4.1",
+            "flags": {},
+            "shapes": [{
+                "label": name,
+                "points": [[box[0], box[1]], [box[2], box[3]]],
+                "group_id": None,
+                "description": "",
+                "shape_type": "rectangle",
+                "flags": {},
+            }],
+            "imagePath": f"{stem}.png",
+            "imageData": None,
+            "imageHeight": size,
+            "imageWidth": size,
+        }
+        (root / "annotations" / f"{stem}.json").write_text(json.dumps(annotation, indent=1), encoding="utf-8")
+    return str(root)
+
+
+def _demo_images(
+    classes: int, per_class: int, size: int, seed: int
+) -> Iterator[tuple[str, int, str, Image.Image, list[float]]]:
+    """Every demo image, shared by both layouts: (class name, index in class, file stem, image, bounding box).
+
+    Image i of class c depends only on (seed, c, i), so the ImageFolder and DICE demos hold the same pictures.
+    """
     for c, name in enumerate(demo_class_names(classes)):
         for i in range(per_class):
             image, box = render_shape(c, size, np.random.default_rng([seed, c, i]))
-            stem = f"{name}_{i:04d}"
-            image.save(root / "images" / f"{stem}.png")
-            annotation = {
-                "version": "5.4.1",
-                "flags": {},
-                "shapes": [{
-                    "label": name,
-                    "points": [[box[0], box[1]], [box[2], box[3]]],
-                    "group_id": None,
-                    "description": "",
-                    "shape_type": "rectangle",
-                    "flags": {},
-                }],
-                "imagePath": f"{stem}.png",
-                "imageData": None,
-                "imageHeight": size,
-                "imageWidth": size,
-            }
-            (root / "annotations" / f"{stem}.json").write_text(json.dumps(annotation, indent=1), encoding="utf-8")
-    return str(root)
+            yield name, i, f"{name}_{i:04d}", image, box
 
 
 def render_shape(class_index: int, size: int, rng: np.random.Generator) -> tuple[Image.Image, list[float]]:
