@@ -10,8 +10,8 @@ Two epoch counts are reported: "scheduled" is what Tune saw and decided on (the 
 `epochs`); "trained" also counts epochs a stopped trial's workers finished while the stop was
 on its way (the newest checkpoint in each trial folder), i.e. the compute actually spent.
 
-Ray starts as `ray start --head` on loopback with RAY_ADDRESS in its environment: Train's
-placement-group cleaner finds its cluster through that even when other Ray instances run on
+Ray starts as `ray start --head` on loopback with RAY_ADDRESS in its environment (tests/helpers_ray.py):
+Train's placement-group cleaner finds its cluster through that even when other Ray instances run on
 the machine (a plain local `ray.init()` cannot tell them apart, and then leaks stopped trials' CPUs).
 """
 from __future__ import annotations
@@ -19,80 +19,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))
+
+from tests.helpers_ray import ray_head, wait_cpus_free  # noqa: E402  (the same head tests/test_tune.py uses)
+
 LRS = [3e-2, 1e-2, 5e-3, 3e-3, 1e-3, 3e-4, 1e-4, 1e-7]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _session_pids(sid: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-    return [int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid]
-
-
-@contextlib.contextmanager
-def ray_head(num_cpus: int, temp_dir: str):
-    """A Ray head on 127.0.0.1 whose processes know their own address; stopped by pid on exit."""
-    gcs = _free_port()
-    address = f"127.0.0.1:{gcs}"
-    env = {**os.environ, "RAY_ADDRESS": address, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-           "--num-cpus", str(num_cpus), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-           "--dashboard-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
-           "--dashboard-agent-listen-port", str(_free_port()), "--disable-usage-stats", "--temp-dir", temp_dir]
-    with open(os.path.join(temp_dir, "head.log"), "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    os.environ.update(RAY_ADDRESS=address, RAY_AUTH_MODE="token")
-    try:
-        yield address
-    finally:
-        with contextlib.suppress(Exception):
-            import ray
-
-            ray.shutdown()
-        for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            for pid in _session_pids(proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + wait_s
-            while _session_pids(proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.5)
-
-
-def _wait_connect(address: str, timeout_s: float = 120.0) -> None:
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            ray.init(address=address, logging_level="ERROR")
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(2)
-
-
-def _wait_cpus_free(timeout_s: float = 60.0) -> None:
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0)
-    deadline = time.monotonic() + timeout_s
-    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
-        time.sleep(1)
 
 
 def run_sweep(scheduler: str, *, data: str, runs: str, epochs: int, model: str, size: int, quiet: bool) -> dict:
@@ -141,11 +78,12 @@ def main() -> int:
         data = make_demo_dataset(os.path.join(tmp, "data"), classes=a.classes, per_class=a.per_class, size=a.size,
                                  seed=0)
         os.makedirs(os.path.join(tmp, "ray"))
-        with ray_head(a.cpus, os.path.join(tmp, "ray")) as address:
-            _wait_connect(address)
+        with ray_head(a.cpus, os.path.join(tmp, "ray")):
+            import ray
+
             rows = []
             for scheduler in ("fifo", "asha"):
-                _wait_cpus_free()
+                wait_cpus_free(ray.cluster_resources().get("CPU", 0))
                 rows.append(run_sweep(scheduler, data=data, runs=os.path.join(tmp, "runs"), epochs=a.epochs,
                                       model=a.model, size=a.size, quiet=not a.verbose))
     fifo, asha = rows

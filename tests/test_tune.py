@@ -1,7 +1,7 @@
 """`raytimm tune` on a real Ray cluster, a real `mlflow server` and the demo data (2 CPU cores).
 
-One Ray head per module, started with `ray start --head --block` on loopback. Its processes all
-carry RAY_ADDRESS, so Train's PlacementGroupCleaner (State API) finds *this* cluster even when
+One Ray head per module (tests/helpers_ray.py: `ray start --head --block` on loopback). Its processes
+all carry RAY_ADDRESS, so Train's PlacementGroupCleaner (State API) finds *this* cluster even when
 other Ray instances run on the machine; without that it cannot release stopped trials' CPUs.
 """
 from __future__ import annotations
@@ -13,16 +13,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers_net import free_port
+from tests.helpers_ray import BIN, ray_head, wait_cpus_free
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 DEMO_SWEEP = ROOT / "configs" / "tune" / "demo_asha.yaml"
 BAD_LR = 1e-7  # the hopeless grid point in demo_asha.yaml
 
@@ -31,63 +29,11 @@ pytestmark = [pytest.mark.ray, pytest.mark.mlflow_server, pytest.mark.slow]
 
 # ------------------------------------------------------------------ fixtures
 
-def _session_pids(sid: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-    return [int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid]
-
-
-def _stop_session(sid: int) -> None:
-    """Stop every process of the session we started (the head and its workers), by pid."""
-    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        for pid in _session_pids(sid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + wait_s
-        while _session_pids(sid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """A 2-CPU Ray head on 127.0.0.1 with the dashboard; yields its GCS address."""
-    temp = tmp_path_factory.mktemp("ray")
-    gcs = free_port()
-    address = f"127.0.0.1:{gcs}"
-    env = {**os.environ, "RAY_ADDRESS": address, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-           "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-           "--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port()),
-           "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats", "--temp-dir", str(temp)]
-    log = open(temp / "head.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
-    os.environ.update(RAY_ADDRESS=address, RAY_AUTH_MODE="token")
-    try:
-        import ray
-
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (temp / "head.log").read_text()[-3000:]
-            try:
-                ray.init(address=address, logging_level="ERROR")
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(2)
+    with ray_head(2, tmp_path_factory.mktemp("ray")) as address:
         yield address
-    finally:
-        with contextlib.suppress(Exception):
-            import ray
-
-            ray.shutdown()
-        _stop_session(proc.pid)
-        log.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -96,17 +42,6 @@ def demo_data(tmp_path_factory):
 
     return make_demo_dataset(str(tmp_path_factory.mktemp("demo") / "data"), classes=4, per_class=24, size=32,
                              seed=0)
-
-
-def _wait_cpus_free(total: float, timeout_s: float = 60.0) -> float:
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    free = ray.available_resources().get("CPU", 0.0)
-    while free < total and time.monotonic() < deadline:
-        time.sleep(1.0)
-        free = ray.available_resources().get("CPU", 0.0)
-    return free
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +129,7 @@ def test_stopped_trials_gave_their_cpus_back(sweep):
     import ray
 
     total = ray.cluster_resources()["CPU"]
-    assert _wait_cpus_free(total) == total
+    assert wait_cpus_free(total) == total
 
 
 def test_best_checkpoint_evaluates_to_what_tune_reported(sweep, tmp_path):
@@ -256,7 +191,7 @@ def test_rerun_after_a_driver_crash_resumes_without_rerunning_finished_trials(
     import ray
     from mlflow import MlflowClient
 
-    _wait_cpus_free(ray.cluster_resources()["CPU"])  # an earlier sweep's trials are gone
+    wait_cpus_free(ray.cluster_resources()["CPU"])  # an earlier sweep's trials are gone
 
     runs = tmp_path / "runs"
     cmd = _tune_cmd(demo_data, runs, mlflow_server, tmp_path / "result.json")
