@@ -218,6 +218,13 @@ def test_not_a_dice_export_and_nothing_usable(tmp_path):
         convert_dice(tmp_path, tmp_path / "out", log=lambda m: None)
 
 
+def test_cache_refuses_a_folder_that_is_not_a_dice_export(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DataError, match="annotations/ folder is missing"):
+        ensure_dice_converted(tmp_path, tmp_path / "cache", log=lambda m: None)
+    assert not (tmp_path / "cache").exists()  # refused before any cache entry or lock is made
+
+
 # ------------------------------------------------------------------------------------------------ splits
 
 

@@ -23,7 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raytimm.data.folder import IMAGE_EXTENSIONS, check_split_ratio, display_width, pad, stratified_split
+from raytimm.data.folder import (
+    IMAGE_EXTENSIONS,
+    check_split_ratio,
+    display_width,
+    is_image_file,
+    pad,
+    stratified_split,
+)
 from raytimm.errors import ConfigError, DataError
 
 STRATEGIES = ("stratified", "random", "sequential", "file")
@@ -235,7 +242,7 @@ def _read_one(path: Path, ann_real: str, images_dir: Path, images_real: str, see
         return None, f"bad_image_path:imagePath {rel!r} resolves outside images/ (a link?)"
     if not os.path.isfile(source):
         return None, f"missing_image:image images/{rel} does not exist"
-    if not rel.lower().endswith(IMAGE_EXTENSIONS):
+    if not is_image_file(rel):
         return None, f"unsupported_image:images/{rel} is not one of {', '.join(IMAGE_EXTENSIONS)}"
     if rel in seen:
         return None, f"duplicate_image:images/{rel} is already labelled by annotations/{seen[rel]}"
@@ -317,6 +324,13 @@ def _enforce_class_rules(ordered: dict[str, list[_Entry]], assignment: dict[str,
 
 
 # ------------------------------------------------------------------------------------------- writing
+
+
+def _check_dice_layout(input_path: Path) -> None:
+    """DataError naming the missing folder unless input_path holds images/ and annotations/."""
+    for sub in ("images", "annotations"):
+        if not (input_path / sub).is_dir():
+            raise DataError(f"{input_path}: not a DICE export, {sub}/ folder is missing (expected images/ and annotations/)")
 
 
 def _check_output(output: Path, input_dir: Path) -> None:
@@ -444,9 +458,7 @@ def convert_dice(
     if strategy == "file" and split_file is None:
         raise ConfigError("split strategy 'file' needs a split file listing the training images")
     input_path, output = Path(input_dir), Path(os.path.abspath(output_dir))
-    for sub in ("images", "annotations"):
-        if not (input_path / sub).is_dir():
-            raise DataError(f"{input_path}: not a DICE export, {sub}/ folder is missing (expected images/ and annotations/)")
+    _check_dice_layout(input_path)
     _check_output(output, input_path)
 
     entries, skipped, n_annotations = read_annotations(input_path, log)
@@ -521,8 +533,7 @@ def ensure_dice_converted(
     Concurrent callers (several workers on one node) serialise on a file lock, and only the first converts.
     """
     input_path = Path(input_dir)
-    if not (input_path / "annotations").is_dir() or not (input_path / "images").is_dir():
-        raise DataError(f"{input_path}: not a DICE export, expected images/ and annotations/ folders")
+    _check_dice_layout(input_path)  # before fingerprinting: a walk of missing folders would hash to a valid key
     settings = {"converter": CONVERTER_VERSION, "split_ratio": split_ratio, "strategy": strategy, "seed": seed}
     if split_file is not None:
         try:
