@@ -424,6 +424,8 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
             logger.log_params(scrub_secrets(flatten_config(cfg)))
             logger.set_tags({"raytimm.run_dir": run_dir, **ray_job_tags()})
             logger.log_text(dump_yaml(cfg), "config.yaml")
+        else:
+            logger = None  # tracking unreachable: make_logger warned once; train without it
 
     callback = TrackingCallback(run_dir=run_dir, scheme=scheme, metric=cfg.checkpoint.metric,
                                 mode=cfg.checkpoint.mode, mlflow_kwargs=mlflow_kwargs,

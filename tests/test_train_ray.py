@@ -158,8 +158,13 @@ def test_same_run_name_resumes_then_reports_complete(ray_local, demo_data, tmp_p
 
     root, _ = demo_data
     common = ["run.name=again", "scaling.num_workers=1", "model.name=test_resnet", "model.img_size=32"]
-    first = train(_cfg(root, tmp_path / "runs", *common, "train.epochs=1"))
+    # The first run also has an unreachable tracking server: it warns and trains without MLflow.
+    from tests.helpers_net import free_port
+
+    dead = ["mlflow.enabled=true", f"mlflow.tracking_uri=http://127.0.0.1:{free_port()}", "mlflow.timeout_s=2"]
+    first = train(_cfg(root, tmp_path / "runs", *common, "train.epochs=1", *dead))
     assert first.epochs == 1
+    assert first.mlflow_run_id is None
     second = train(_cfg(root, tmp_path / "runs", *common, "train.epochs=2"))
     assert second.epochs == 2 and second.status == "finished"
     run_dir = tmp_path / "runs" / "again"
