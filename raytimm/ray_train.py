@@ -298,15 +298,12 @@ def preflight(cfg: Config) -> None:
     if storage.is_remote(cfg.data.path):
         storage.preflight(cfg.data.path, want="dataset", endpoint_url=cfg.storage.endpoint_url)
         return
-    local = cfg.data.path
-    if not os.path.isdir(local):
-        raise RaytimmError(f"data.path {local!r} is not a folder")
-    if cfg.data.format == "dice":
-        from raytimm.data.dice import ensure_dice_converted
+    if not os.path.isdir(cfg.data.path):
+        raise RaytimmError(f"data.path {cfg.data.path!r} is not a folder")
+    from raytimm.engine import prepare_dataset_root
 
-        # Same arguments as engine.prepare_dataset_root, so the workers hit this conversion's cache.
-        local = ensure_dice_converted(local, os.path.join(os.path.expanduser(cfg.data.cache_dir), "dice"),
-                                      split_ratio=cfg.data.split_ratio, seed=cfg.data.split_seed)
+    # The workers' own call then finds this DICE conversion in the cache.
+    local = prepare_dataset_root(cfg)
     from raytimm.data.folder import scan_imagefolder
 
     scan = scan_imagefolder(local, split_ratio=cfg.data.split_ratio, seed=cfg.data.split_seed,
