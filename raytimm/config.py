@@ -366,10 +366,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _closest(key: str, candidates: list[str]) -> str:
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     if not close:
@@ -379,7 +375,7 @@ def _closest(key: str, candidates: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def valid_keys(cfg: Config | None = None) -> list[str]:
+def valid_keys() -> list[str]:
     """All dotted keys (``section.field``) a config accepts."""
     out = []
     for sec in dataclasses.fields(Config):
@@ -422,7 +418,7 @@ def _set(cfg: Config, key: str, value: Any, *, source: str) -> None:
     if len(parts) != 2 or key not in keys:
         raise ConfigError(f"{source}: unknown key {key!r}{_closest(key, keys)}")
     section = getattr(cfg, parts[0])
-    tp = _hints(type(section))[parts[1]]
+    tp = typing.get_type_hints(type(section))[parts[1]]
     setattr(section, parts[1], _coerce(value, tp, key))
 
 

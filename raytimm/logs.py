@@ -70,7 +70,7 @@ class NoiseFilter(logging.Filter):
             msg = record.getMessage()
         except Exception:  # a broken record is not ours to crash on
             return True
-        return not any(p.search(msg) for p in NOISE_PATTERNS)
+        return not is_noise(msg)
 
 
 def is_noise(line: str) -> bool:
