@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from raytimm.errors import CheckpointError, CheckpointNotFound, StorageError
+from raytimm.secrets import scrub_secrets
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -38,11 +39,6 @@ LATEST_POINTER = "latest"
 # Run folder -> tune folder -> trial run folder -> checkpoint is the deepest chain we produce.
 MAX_POINTER_DEPTH = 3
 _REMOTE_SCHEMES = ("s3", "r2")
-# Config keys whose values are secrets; matched case-insensitively anywhere in the key name.
-_SECRET_KEY = re.compile(r"secret|passw|token|access_key|accesskey|credential|api_key|apikey|private_key",
-                         re.IGNORECASE)
-# user:password@ inside URLs (tracking URIs, endpoints).
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 
 @dataclass(frozen=True)
@@ -185,17 +181,6 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"meta.json value of type {type(obj).__name__} is not JSON serialisable")
-
-
-def scrub_secrets(value: Any) -> Any:
-    """Return a copy of a config tree without secret-looking keys or URL passwords."""
-    if isinstance(value, Mapping):
-        return {k: scrub_secrets(v) for k, v in value.items() if not _SECRET_KEY.search(str(k))}
-    if isinstance(value, (list, tuple)):
-        return [scrub_secrets(v) for v in value]
-    if isinstance(value, str):
-        return _URL_USERINFO.sub(r"\g<scheme>", value)
-    return value
 
 
 def library_versions() -> dict:

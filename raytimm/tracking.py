@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
+# scrub_secrets/redact_uri are shared with checkpoint.py (meta.json); re-exported for callers here.
+from raytimm.secrets import redact_uri, scrub_secrets  # noqa: F401
+
 log = logging.getLogger("raytimm.tracking")
 
 # MLflow's own limits (mlflow/utils/validation.py); exceeding them rejects the whole batch.
@@ -26,12 +29,6 @@ MAX_KEY_LEN = 250
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 
-# Key fragments that mark a value as secret; such keys are dropped before anything is logged.
-SECRET_MARKERS = (
-    "secret", "password", "passwd", "token", "access_key", "credential", "api_key", "apikey",
-    "private_key", "authorization",
-)
-_USERINFO_RE = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s]+@")
 _BAD_KEY_CHARS_RE = re.compile(r"[^/\w.\- ]")
 
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag for nested runs (mlflow.utils.mlflow_tags)
@@ -88,31 +85,6 @@ class NullLogger:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def redact_uri(uri: str) -> str:
-    """Replace ``user:password@`` in a URI with ``***@`` so it can be logged."""
-    return _USERINFO_RE.sub(r"\g<scheme>***@", str(uri))
-
-
-def _is_secret_key(key: str) -> bool:
-    lowered = str(key).lower()
-    return any(marker in lowered for marker in SECRET_MARKERS)
-
-
-def scrub_secrets(d: Mapping[str, Any]) -> dict[str, Any]:
-    """Copy of ``d`` (nested) without secret-looking keys, and with credentials cut out of URIs."""
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if _is_secret_key(key):
-            continue
-        if isinstance(value, Mapping):
-            out[key] = scrub_secrets(value)
-        elif isinstance(value, str):
-            out[key] = redact_uri(value)
-        else:
-            out[key] = value
-    return out
 
 
 def _param_str(value: Any) -> str:

@@ -64,6 +64,15 @@ def test_round_trip_and_meta_fields(tmp_path):
     assert ckpt.is_complete(tmp_path / "c")
 
 
+def test_meta_config_secrets_scrubbed_in_lists_and_any_case(tmp_path):
+    config = {"hooks": [{"url": "https://u:SECRET1@hook.example/", "api_token": "SECRET2"}],
+              "headers": {"Authorization": "Bearer SECRET3"}, "storage": {"accessKey": "SECRET4"}}
+    ckpt.save_checkpoint(tmp_path / "c", model_state=_model_state(), meta=_meta(config=config))
+    raw = (tmp_path / "c" / "meta.json").read_text()
+    assert "SECRET" not in raw
+    assert ckpt.load_meta(tmp_path / "c")["config"]["hooks"] == [{"url": "https://***@hook.example/"}]
+
+
 def test_shared_tensors_are_saved(tmp_path):
     w = torch.randn(4, 3)
     ckpt.save_checkpoint(tmp_path / "c", model_state={"a": w, "b": w, "c": w[1:3]}, meta=_meta())

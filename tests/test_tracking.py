@@ -108,6 +108,12 @@ def test_flatten_and_scrub_params():
     }
 
 
+def test_scrub_reaches_into_lists():
+    cfg = {"hooks": [{"url": "http://u:p@h.example", "api_token": "T0KEN"}], "Authorization": "Bearer x"}
+    flat = tracking.flatten_params(tracking.scrub_secrets(cfg))
+    assert flat == {"hooks": '[{"url": "http://***@h.example"}]'}
+
+
 def test_sanitize_key_keeps_slash_metrics():
     assert tracking.sanitize_key("val/top1") == "val/top1"
     assert tracking.sanitize_key("tune.search_space[lr]") == "tune.search_space_lr_"
