@@ -291,6 +291,46 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn, device: torch.
             "throughput": float(sums[2]) / max(mean_seconds, 1e-9), "lr": lr}, num_updates
 
 
+class ClassificationSums:
+    """Loss / top-1 / top-5 / confusion-matrix sums over batches of logits, kept on ``device``.
+
+    Adding a batch never reads a value back to the host, so there is no sync point per batch.
+    Training validation (``evaluate``) and ``raytimm evaluate`` (``predict.evaluate_checkpoint``)
+    both count with it, so their numbers are the same definitions.
+    """
+
+    def __init__(self, num_classes: int, device: torch.device):
+        self.num_classes = num_classes
+        self.k = min(5, num_classes)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, n
+        self.cm = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+
+    def add(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Count one batch of logits against integer labels; returns each row's top-1 class."""
+        output = output.float()
+        top = output.topk(self.k, dim=1).indices
+        hits = top.eq(targets[:, None])
+        self.sums[0] += F.cross_entropy(output, targets, reduction="sum").double()
+        self.sums[1] += hits[:, 0].sum()
+        self.sums[2] += hits.any(dim=1).sum()
+        self.sums[3] += targets.numel()
+        self.cm += torch.bincount(targets * self.num_classes + top[:, 0], minlength=self.num_classes ** 2)
+        return top[:, 0]
+
+    def all_reduce(self) -> None:
+        """Sum across ranks (a no-op with one process)."""
+        dist_utils.all_reduce_sum(self.sums)
+        dist_utils.all_reduce_sum(self.cm)
+
+    def result(self) -> dict:
+        """{loss, top1, top5 (percent), num_samples, confusion_matrix (rows = true class)}."""
+        n = int(self.sums[3])
+        denom = max(n, 1)
+        return {"loss": float(self.sums[0]) / denom, "top1": 100.0 * float(self.sums[1]) / denom,
+                "top5": 100.0 * float(self.sums[2]) / denom, "num_samples": n,
+                "confusion_matrix": self.cm.view(self.num_classes, self.num_classes).cpu().tolist()}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, *, num_classes: int,
              amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False, desc: str = "val") -> dict:
@@ -302,9 +342,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, num_classes: int
     """
     was_training = model.training
     model.eval()
-    k = min(5, num_classes)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, n
-    cm = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    sums = ClassificationSums(num_classes, device)
     for images, targets in _progress(loader, total=len(loader), desc=desc):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -312,22 +350,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, num_classes: int
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp_dtype):
             output = model(images)
-        output = output.float()
-        top = output.topk(k, dim=1).indices
-        hits = top.eq(targets[:, None])
-        sums[0] += F.cross_entropy(output, targets, reduction="sum").double()
-        sums[1] += hits[:, 0].sum()
-        sums[2] += hits.any(dim=1).sum()
-        sums[3] += targets.numel()
-        cm += torch.bincount(targets * num_classes + top[:, 0], minlength=num_classes * num_classes)
-    dist_utils.all_reduce_sum(sums)
-    dist_utils.all_reduce_sum(cm)
+        sums.add(output, targets)
+    sums.all_reduce()
     model.train(was_training)
-    n = int(sums[3])
-    denom = max(n, 1)
-    return {"loss": float(sums[0]) / denom, "top1": 100.0 * float(sums[1]) / denom,
-            "top5": 100.0 * float(sums[2]) / denom, "num_samples": n,
-            "confusion_matrix": cm.view(num_classes, num_classes).cpu().tolist()}
+    return sums.result()
 
 
 def per_class_accuracy(cm: list[list[int]], class_names: list[str]) -> list[dict]:

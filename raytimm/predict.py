@@ -298,10 +298,10 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, *, split: str = "val
         pred.class_names = classes  # a legacy .pt has no names: take the dataset's
     _check_classes(classes, pred, str(data_uri))
 
-    n_cls = pred.num_classes
-    confusion = np.zeros((n_cls, n_cls), dtype=np.int64)
-    loss_sum, top5_hits, rows, skipped = 0.0, 0, [], []
-    k5 = min(5, n_cls)
+    from raytimm.engine import ClassificationSums, per_class_accuracy  # the same counting as training validation
+
+    sums = ClassificationSums(pred.num_classes, torch.device("cpu"))
+    rows, skipped = [], []
     for start in range(0, len(samples), batch_size):
         chunk, tensors = [], []
         for path, label in samples[start:start + batch_size]:
@@ -312,36 +312,29 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, *, split: str = "val
                 skipped.append({"file": os.path.relpath(path, root), "reason": str(exc)})
         if not chunk:
             continue
-        batch = torch.stack(tensors)
-        labels = torch.tensor([y for _, y in chunk])
-        logits = pred.logits(batch)
-        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        probs = torch.softmax(logits, dim=1)
-        conf, top1 = probs.max(dim=1)
-        top5_hits += int((torch.topk(logits, k5, dim=1).indices == labels[:, None]).any(dim=1).sum())
+        logits = pred.logits(torch.stack(tensors))
+        top1 = sums.add(logits, torch.tensor([y for _, y in chunk]))
+        conf = torch.softmax(logits, dim=1).gather(1, top1[:, None]).squeeze(1)
         for (path, y), p, c in zip(chunk, top1.tolist(), conf.tolist()):
-            confusion[y, p] += 1
             rows.append((os.path.relpath(path, root), classes[y], pred.class_names[p], c))
 
-    n = len(rows)
-    if n == 0:
+    if not rows:
         raise DataError(f"{data_uri}: none of the {len(samples)} images of the {split!r} split could be read")
     if skipped:
         log.warning("evaluate: skipped %d unreadable image(s), e.g. %s", len(skipped), skipped[0]["file"])
-    correct = np.diag(confusion)
-    support = confusion.sum(axis=1)
+    metrics = sums.result()
     # Classes without images in this split have no accuracy; they are left out rather than shown as 0.
-    per_class = {name: 100.0 * float(correct[i]) / float(support[i])
-                 for i, name in enumerate(pred.class_names) if support[i]}
+    per_class = {r["class"]: r["top1"] for r in per_class_accuracy(metrics["confusion_matrix"], pred.class_names)
+                 if r["support"]}
     if predictions_csv:
         write_predictions_csv(predictions_csv, rows)
     return {
-        "top1": 100.0 * float(correct.sum()) / n,
-        "top5": 100.0 * top5_hits / n,
-        "loss": loss_sum / n,
-        "num_samples": n,
+        "top1": metrics["top1"],
+        "top5": metrics["top5"],
+        "loss": metrics["loss"],
+        "num_samples": metrics["num_samples"],
         "per_class": per_class,
-        "confusion_matrix": confusion.tolist(),
+        "confusion_matrix": metrics["confusion_matrix"],
         "class_names": list(pred.class_names),
         "checkpoint": pred.source,
         "split": split,

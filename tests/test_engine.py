@@ -110,6 +110,19 @@ def test_saved_best_reevaluates_to_reported_metrics(two_epochs, demo_root):
     assert alone["loss"] == pytest.approx(result.best_metrics["val/loss"], rel=1e-4)
 
 
+def test_evaluate_checkpoint_reproduces_val_metrics(two_epochs, demo_root):
+    """`raytimm evaluate` (predict.evaluate_checkpoint) on the best checkpoint gives back its epoch's val numbers."""
+    from raytimm.predict import evaluate_checkpoint
+
+    result, _ = two_epochs
+    got = evaluate_checkpoint(result.best_checkpoint, demo_root, device="cpu")
+    assert got["num_samples"] == 9 and got["confusion_matrix"] == result.confusion_matrix
+    assert got["top1"] == pytest.approx(result.best_metrics["val/top1"], abs=1e-6)
+    assert got["top5"] == pytest.approx(result.best_metrics["val/top5"], abs=1e-6)
+    assert got["loss"] == pytest.approx(result.best_metrics["val/loss"], rel=1e-4)
+    assert got["per_class"] == {p["class"]: p["top1"] for p in result.per_class}
+
+
 def test_resume_adds_epochs(demo_root, tmp_path):
     first = fit(make_cfg(demo_root, tmp_path, epochs=1))
     assert [h["epoch"] for h in first.history] == [1]
