@@ -363,9 +363,12 @@ app = FastAPI(title="raytimm", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @app.exception_handler(HTTPError)
-async def _http_error(_: Request, exc: HTTPError):
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
+@app.exception_handler(RaytimmError)
+async def _client_error(_: Request, exc: Exception):
+    # Our own errors name the file/URI and never hold secrets; error_status maps raytimm errors.
+    status = error_status(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -502,9 +505,7 @@ class Ingress:
         decoded = await asyncio.gather(
             *(asyncio.to_thread(decode_image, data, max_pixels=self._max_pixels, name=name) for name, data in uploads),
             return_exceptions=True)
-        for result in decoded:  # the first bad file in request order decides the answer
-            if isinstance(result, ImageError):
-                raise HTTPError(error_status(result), str(result))
+        for result in decoded:  # the first bad file in request order decides the answer (415/413 by type)
             if isinstance(result, BaseException):
                 raise result
         return list(decoded)
@@ -522,10 +523,7 @@ class Ingress:
         """403 for disallowed paths (before any access), 404 for missing ones; the multiplexed model id."""
         from raytimm import checkpoint as ckpt
         uri = check_checkpoint_path(path, self._allow)
-        try:
-            resolved = await asyncio.to_thread(ckpt.resolve_checkpoint, uri)
-        except RaytimmError as exc:
-            raise HTTPError(error_status(exc), str(exc)) from None
+        resolved = await asyncio.to_thread(ckpt.resolve_checkpoint, uri)  # 404/422/502 via error_status
         check_resolved_path(resolved.uri, self._allow)
         if resolved.kind == "legacy_pt":
             if not model_name or not num_classes:
