@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,6 +38,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from raytimm.config import ServeConfig
 from raytimm.errors import (CheckpointError, CheckpointNotFound, ConfigError, DataError, ImageError,
                             ImageTooLargeError, RaytimmError, StorageError)
+
+if TYPE_CHECKING:
+    from raytimm.checkpoint import ResolvedCheckpoint
 
 log = logging.getLogger("raytimm.serve")
 
@@ -172,16 +175,16 @@ def check_resolved_path(uri: str, allowed: list) -> None:
         raise HTTPError(403, f"checkpoint {uri} (resolved) is not under an allowed prefix")
 
 
-def storage_root(checkpoint_uri: str) -> str:
+def storage_root(checkpoint: Union[str, "ResolvedCheckpoint"]) -> str:
     """Default allowed prefix for a startup checkpoint: the bucket, or locally the run folder's parent.
 
     A local checkpoint lives at ``<storage.path>/<run>/<checkpoint>``, so its grandparent is the
-    storage root; a legacy ``.pt`` file allows its own folder.
+    storage root; a legacy ``.pt`` file allows its own folder. Takes a URI or an already resolved one.
     """
     from raytimm import checkpoint as ckpt
     from raytimm import storage
 
-    resolved = ckpt.resolve_checkpoint(checkpoint_uri)
+    resolved = ckpt.resolve_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     parsed = storage.parse_uri(resolved.uri)
     if parsed.remote:
         return f"{parsed.scheme}://{parsed.bucket}"
@@ -648,10 +651,10 @@ def build_app(args: ServeArgs):
     from raytimm import checkpoint as ckpt
 
     # Fail here, with the URI in the message, rather than in a replica's log.
-    ckpt.resolve_checkpoint(args.checkpoint)
+    resolved = ckpt.resolve_checkpoint(args.checkpoint)
     allow = [normalize_prefix(p) for p in args.allow]
     if args.allow_checkpoint_root:
-        allow.append(normalize_prefix(storage_root(args.checkpoint)))
+        allow.append(normalize_prefix(storage_root(resolved)))
     weights_dir = args.weights_dir or os.environ.get(WEIGHTS_DIR_ENV)
     env = _forwarded_env()
     if weights_dir:
@@ -709,7 +712,7 @@ def wait_healthy(url: str, timeout_s: float = 300.0) -> None:
     raise RaytimmError(f"{url}/healthz did not become ready within {timeout_s:.0f}s (last: {last})")
 
 
-def start_serve(host: str, port: int, *, num_cpus: Optional[int] = None) -> bool:
+def start_serve(host: str, port: int) -> bool:
     """ray.init (local, or the cluster at RAY_ADDRESS) and serve.start on host:port; True if we started Ray."""
     import ray
 
@@ -720,8 +723,7 @@ def start_serve(host: str, port: int, *, num_cpus: Optional[int] = None) -> bool
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address="auto", logging_level=logging.WARNING, log_to_driver=False)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=True)
+            ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
             started = True
     serve.start(http_options={"host": host, "port": int(port)}, logging_config=_QUIET_LOGGING)
     return started

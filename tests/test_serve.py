@@ -471,6 +471,8 @@ def test_storage_root_defaults(tmp_path):
     path = make_trained_checkpoint(tmp_path / "runs" / "r1", steps=1)
     assert rs.storage_root(path) == str(tmp_path / "runs")
     assert rs.storage_root(str(tmp_path / "runs" / "r1")) == str(tmp_path / "runs")
+    from raytimm.checkpoint import resolve_checkpoint
+    assert rs.storage_root(resolve_checkpoint(str(tmp_path / "runs" / "r1"))) == str(tmp_path / "runs")  # build_app's call
 
 
 def test_serve_yaml_is_a_valid_serve_config():
