@@ -150,6 +150,17 @@ def _progress(iterable, *, total: int, desc: str):
 
 # ------------------------------------------------------------------ data
 
+def stage_dataset(path: str, cache_dir: str, *, endpoint_url: Optional[str] = None,
+                  region: Optional[str] = None) -> str:
+    """A remote dataset URI mirrored once into ``<cache_dir>/datasets`` on this node; a local path as given."""
+    from raytimm import storage
+
+    if not storage.is_remote(path):
+        return path
+    return storage.stage(path, os.path.join(os.path.expanduser(cache_dir), "datasets"), endpoint_url=endpoint_url,
+                         region=region)
+
+
 def prepare_dataset_root(cfg) -> str:
     """Local ImageFolder root for ``cfg.data``: stage a remote URI, convert DICE into the cache."""
     root = cfg.data.path
@@ -161,11 +172,7 @@ def prepare_dataset_root(cfg) -> str:
     if not first:
         dist_utils.barrier()
     try:
-        from raytimm import storage
-
-        if storage.is_remote(root):
-            root = storage.stage(root, os.path.join(cache, "datasets"), endpoint_url=cfg.storage.endpoint_url,
-                                 region=cfg.storage.region)
+        root = stage_dataset(root, cache, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
         if cfg.data.format == "dice":
             from raytimm.data.dice import ensure_dice_converted
 

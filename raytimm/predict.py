@@ -249,12 +249,14 @@ def _head_classes(state: dict) -> str:
 # ----------------------------------------------------------------------------- evaluate
 
 def _stage_data(data_uri: str, cache_dir: str | None) -> str:
-    """Local folder for a dataset path or bucket URI (staged once into the node cache)."""
+    """Local folder for a dataset path or bucket URI: staged like training does, into ``<cache>/datasets``,
+    so evaluating on the node that trained reuses the copy."""
     from raytimm import storage
-    if not storage.is_remote(data_uri):
-        return storage.normalize(data_uri)
-    root = cache_dir or os.environ.get("RAYTIMM_CACHE_DIR") or os.path.expanduser("~/.cache/raytimm/data")
-    return storage.stage(data_uri, root)
+    from raytimm.engine import stage_dataset
+    from raytimm.model import DEFAULT_CACHE_DIR
+
+    cache = cache_dir or os.environ.get("RAYTIMM_CACHE_DIR") or DEFAULT_CACHE_DIR
+    return storage.normalize(stage_dataset(data_uri, cache))
 
 
 def _split_samples(root: str, split: str, meta: dict) -> tuple[list[str], list[tuple[str, int]]]:
