@@ -27,6 +27,7 @@ from typing import Iterable, Iterator, NamedTuple
 from urllib.parse import urlsplit
 
 from raytimm.errors import StorageError
+from raytimm.secrets import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +217,13 @@ def _endpoint_label(endpoint: str | None) -> str:
     if not endpoint:
         return "the default AWS endpoint"
     parts = urlsplit(endpoint)
-    host = parts.hostname or endpoint
-    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+    if not parts.hostname:  # not a URL urlsplit understands: show it, minus any user:password@
+        return redact_uri(endpoint)
+    try:
+        port = parts.port
+    except ValueError:  # a non-numeric port; this label is built on error paths, so never raise here
+        port = None
+    return f"{parts.scheme}://{parts.hostname}" + (f":{port}" if port else "")
 
 
 def _explicit_credentials(scheme: str, label: str = "r2://") -> dict[str, str]:
@@ -425,8 +431,18 @@ def _translate(uri: StorageURI, action: str, endpoint: str | None = None) -> Ite
 
 def _client_for(uri: StorageURI, endpoint_url: str | None, region: str | None):
     """(client, endpoint) for a parsed remote URI; configuration errors name the URI."""
-    client = s3_client(str(uri), endpoint_url=endpoint_url, region=region)
-    return client, endpoint_for(uri.scheme, endpoint_url, uri=str(uri))
+    endpoint = endpoint_for(uri.scheme, endpoint_url, uri=str(uri))
+    try:
+        client = s3_client(str(uri), endpoint_url=endpoint_url, region=region)
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - botocore setup errors (bad endpoint, unknown profile)
+        # Only the type: botocore's text can quote the endpoint URL with its userinfo.
+        raise StorageError(
+            f"{uri}: cannot set up a storage client for {_endpoint_label(endpoint)} ({type(exc).__name__}); "
+            "check storage.endpoint_url, AWS_ENDPOINT_URL/R2_ENDPOINT_URL and AWS_PROFILE"
+        ) from None
+    return client, endpoint
 
 
 def _is_missing(exc: BaseException) -> bool:
@@ -593,6 +609,8 @@ def _atomic_write_local(path: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())  # small files (pointers, meta.json, manifests): cheap, and survive a crash
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -796,9 +814,6 @@ def stage(
     region: str | None = None,
 ) -> str:
     """Mirror a remote prefix into a node-local cache folder once and return it; local paths pass through."""
-    parsed = parse_uri(uri)
-    if not parsed.remote:
-        return parsed.key
     return stage_prefix(uri, cache_root, endpoint_url=endpoint_url, region=region).local_dir
 
 

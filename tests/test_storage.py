@@ -160,6 +160,15 @@ def test_r2_without_endpoint_names_the_uri(no_storage_env):
     )
 
 
+@pytest.mark.parametrize("env", [{"AWS_ENDPOINT_URL": "not a url://u:pw@x"}, {"AWS_PROFILE": "no-such-profile"}])
+def test_client_setup_failure_is_storage_error(no_storage_env, monkeypatch, env):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(StorageError, match="s3://b/k: cannot set up a storage client") as e:
+        storage.exists("s3://b/k")
+    assert "pw" not in str(e.value)
+
+
 def test_s3_client_config_keeps_boto_checksums(no_storage_env, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     cfg = storage.s3_client("s3").meta.config
