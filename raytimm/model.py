@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import timm
-import torch
 from torch import nn
 
 from raytimm.errors import CheckpointError, ConfigError
@@ -216,8 +215,3 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def param_count(model: nn.Module) -> int:
     """Number of parameters of the (unwrapped) model."""
     return sum(p.numel() for p in unwrap_model(model).parameters())
-
-
-def supports_channels_last(device: torch.device) -> bool:
-    """channels_last pays off on GPUs (tensor cores); on CPU it is often slower, so 'auto' skips it."""
-    return device.type == "cuda"

@@ -94,9 +94,8 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, uri: str, *, model_name: str | None = None, num_classes: int | None = None,
-                        device: str | torch.device | None = None, weights_dir: str | None = None,
-                        class_names: Sequence[str] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                        batch_size: int = 32) -> "Predictor":
+                        device: str | torch.device | None = None, class_names: Sequence[str] | None = None,
+                        max_pixels: int | None = DEFAULT_MAX_PIXELS, batch_size: int = 32) -> "Predictor":
         """Load a checkpoint folder, run/tune folder (via `best`) or legacy `.pt` (needs model_name, num_classes)."""
         resolved = ckpt.resolve_checkpoint(uri)
         if resolved.kind == "legacy_pt":
