@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from raytimm import storage
 from raytimm.errors import CheckpointError, CheckpointNotFound, StorageError
 from raytimm.secrets import scrub_secrets
 
@@ -38,7 +39,6 @@ BEST_POINTER = "best"
 LATEST_POINTER = "latest"
 # Run folder -> tune folder -> trial run folder -> checkpoint is the deepest chain we produce.
 MAX_POINTER_DEPTH = 3
-_REMOTE_SCHEMES = ("s3", "r2")
 
 
 @dataclass(frozen=True)
@@ -56,22 +56,15 @@ class ResolvedCheckpoint:
 
 
 # ----------------------------------------------------------------------------- URI helpers
-
-def _scheme(uri: str) -> str:
-    """Return the lower-case scheme of ``uri`` ("" for a plain local path)."""
-    m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", str(uri))
-    return m.group(1).lower() if m else ""
-
+# Parsing, remote I/O and atomic writes are raytimm.storage's; these adapt them to checkpoint errors
+# (CheckpointNotFound for a missing file) and keep relative local paths relative.
 
 def is_remote_uri(uri: str) -> bool:
-    """True for s3:// and r2:// URIs; raises CheckpointError for schemes we cannot read."""
-    scheme = _scheme(uri)
-    if scheme in ("", "file"):
-        return False
-    if scheme in _REMOTE_SCHEMES:
-        return True
-    raise CheckpointError(f"unsupported checkpoint URI scheme {scheme!r} in {uri!r}; "
-                          "use a local path, file://, s3:// or r2://")
+    """True for s3:// and r2:// URIs; raises CheckpointError for URIs storage cannot read."""
+    try:
+        return storage.is_remote(uri)
+    except StorageError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _local_path(uri: str | os.PathLike) -> Path:
@@ -86,25 +79,14 @@ def join_uri(base: str, name: str) -> str:
     """Join a child name onto a local path or bucket URI."""
     base = os.fspath(base)
     if is_remote_uri(base):
-        return base.rstrip("/") + "/" + name.lstrip("/")
+        return storage.join(base, name)
     return str(_local_path(base) / name)
 
 
-def _storage():
-    # Imported lazily: only remote URIs need it, and it pulls in boto3/pyarrow.
-    from raytimm import storage
-    return storage
-
-
 def _exists(uri: str) -> bool:
-    """Whether a file exists at ``uri`` (local or remote)."""
+    """Whether a file exists at ``uri`` (local or remote); storage failures raise StorageError."""
     if is_remote_uri(uri):
-        try:
-            return bool(_storage().exists(uri))
-        except StorageError:
-            raise
-        except Exception as e:  # noqa: BLE001 - botocore/pyarrow errors: report the URI, not the secret
-            raise StorageError(f"cannot check {uri}: {type(e).__name__}") from e
+        return storage.exists(uri)
     return _local_path(uri).is_file()
 
 
@@ -113,7 +95,7 @@ def _read_bytes(uri: str) -> bytes:
     if is_remote_uri(uri):
         if not _exists(uri):
             raise CheckpointNotFound(f"checkpoint file not found: {uri}")
-        return _storage().read_bytes(uri)
+        return storage.read_bytes(uri)
     path = _local_path(uri)
     if not path.is_file():
         raise CheckpointNotFound(f"checkpoint file not found: {path}")
@@ -137,35 +119,12 @@ class _LocalCopy:
             raise CheckpointNotFound(f"checkpoint file not found: {self.uri}")
         self._tmp = tempfile.mkdtemp(prefix="raytimm-ckpt-")
         local = Path(self._tmp) / self.uri.rstrip("/").rsplit("/", 1)[-1]
-        _storage().download(self.uri, str(local))
+        storage.download(self.uri, str(local))
         return local
 
     def __exit__(self, *exc) -> None:
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_bytes(uri: str, data: bytes) -> None:
-    """Atomic for local files; a single PUT (atomic by nature) for object storage."""
-    if is_remote_uri(uri):
-        _storage().write_bytes(uri, data)
-    else:
-        _atomic_write_bytes(_local_path(uri), data)
 
 
 # ----------------------------------------------------------------------------- meta helpers
@@ -242,9 +201,9 @@ def save_checkpoint(dirpath: str | os.PathLike, *, model_state: Mapping[str, Any
             torch.save(dict(train_state), tmp_state)
             os.replace(tmp_state, local_dir / TRAIN_STATE_FILE)
         # meta.json last: its presence (with the model file) is what makes the checkpoint complete.
-        _atomic_write_bytes(local_dir / META_FILE, meta_bytes)
+        storage.write_bytes(str(local_dir / META_FILE), meta_bytes)  # temp + fsync + rename
         if remote:
-            storage = _storage()
+            # One file at a time, in this order, so meta.json lands last remotely too.
             for name in (MODEL_FILE, TRAIN_STATE_FILE, META_FILE):
                 if (local_dir / name).exists():
                     storage.upload(str(local_dir / name), join_uri(dirpath, name))
@@ -391,7 +350,8 @@ def _write_pointer(run_dir_uri: str, name: str, checkpoint_uri: str, metrics: Ma
         "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     pointer_uri = join_uri(run_dir_uri, name)
-    _write_bytes(pointer_uri, json.dumps(payload, indent=2, default=_json_default).encode())
+    # Atomic locally (temp + rename); a single PUT, atomic by nature, remotely.
+    storage.write_bytes(pointer_uri, json.dumps(payload, indent=2, default=_json_default).encode())
     return pointer_uri
 
 
@@ -422,7 +382,7 @@ def read_pointer_info(run_dir_uri: str, name: str = BEST_POINTER) -> dict | None
     if not isinstance(info, dict) or not isinstance(info.get("checkpoint"), str) or not info["checkpoint"]:
         raise CheckpointError(f"pointer {pointer_uri} does not name a checkpoint")
     target = info["checkpoint"]
-    if not _scheme(target) and not os.path.isabs(target):
+    if "://" not in target and not os.path.isabs(target):
         if ".." in Path(target).parts:
             raise CheckpointError(f"pointer {pointer_uri} escapes its run folder: {target!r}")
         target = join_uri(run_dir_uri, target)
