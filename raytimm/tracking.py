@@ -126,6 +126,14 @@ def _is_local_store(uri: str) -> bool:
     return not uri.startswith(("http://", "https://", "databricks"))
 
 
+def _call_timeout(tracking_uri: str, timeout_s: float) -> float:
+    """Outer bound for one MLflow call. The HTTP timeout bounds each request; this also covers
+    calls made of several requests, slow trickles, and local stores that have no HTTP timeout."""
+    if _is_local_store(tracking_uri):
+        return max(float(timeout_s), LOCAL_STORE_CALL_TIMEOUT_S)
+    return float(timeout_s) + 2.0
+
+
 def configure_http_timeouts(timeout_s: float) -> None:
     """Bound MLflow's HTTP client (defaults: 120 s timeout, 5 retries with backoff).
 
@@ -288,13 +296,7 @@ class MlflowLogger:
         self.experiment = experiment
         self.timeout_s = float(timeout_s)
         self.cooldown_s = float(cooldown_s)
-        # The HTTP timeout bounds each request; this outer bound covers calls made of several
-        # requests, slow trickles and local stores that have no HTTP timeout at all.
-        self._call_timeout_s = (
-            max(self.timeout_s, LOCAL_STORE_CALL_TIMEOUT_S)
-            if _is_local_store(tracking_uri)
-            else self.timeout_s + 2.0
-        )
+        self._call_timeout_s = _call_timeout(tracking_uri, self.timeout_s)
         self._skip_until = 0.0
         self._finished = False
         self._logged_params: dict[str, str] = {}
@@ -519,7 +521,6 @@ def make_logger(
 def find_run(tracking_uri: str, experiment: str, run_name: str, *, timeout_s: float = 10.0) -> str | None:
     """Id of the newest run called ``run_name`` in ``experiment``, or None (also when unreachable)."""
     configure_http_timeouts(timeout_s)
-    call_timeout = max(timeout_s, LOCAL_STORE_CALL_TIMEOUT_S) if _is_local_store(tracking_uri) else timeout_s + 2.0
 
     def search() -> str | None:
         client = _client(tracking_uri)
@@ -536,7 +537,7 @@ def find_run(tracking_uri: str, experiment: str, run_name: str, *, timeout_s: fl
         return runs[0].info.run_id if runs else None
 
     try:
-        return call_with_timeout(search, call_timeout, "find_run")
+        return call_with_timeout(search, _call_timeout(tracking_uri, timeout_s), "find_run")
     except Exception as exc:  # noqa: BLE001
         log.warning(
             "MLflow run lookup %r at %s failed (%s); starting a new run",
