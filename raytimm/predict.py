@@ -19,6 +19,7 @@ from torch import nn
 
 from raytimm import checkpoint as ckpt
 from raytimm.data.images import DEFAULT_MAX_PIXELS, decode_image
+from raytimm.data.transforms import build_eval_transform, resolve_data_config
 from raytimm.errors import CheckpointError, ConfigError, DataError, ImageError
 
 log = logging.getLogger(__name__)
@@ -38,17 +39,6 @@ def imagenet_class_names() -> list[str]:
 
     descriptions = ImageNetInfo("imagenet-1k").label_descriptions()
     return [d.split(",")[0].strip() for d in descriptions]
-
-
-def _eval_transform(data_config: dict) -> Callable[[np.ndarray], torch.Tensor]:
-    # Imported lazily so the module imports even while transforms.py is being written.
-    from raytimm.data.transforms import build_eval_transform
-    return build_eval_transform(data_config)
-
-
-def _resolve_data_config(model: nn.Module, img_size: int | None = None) -> dict:
-    from raytimm.data.transforms import resolve_data_config
-    return resolve_data_config(model, img_size=img_size)
 
 
 def _build(model_name: str, num_classes: int, img_size: int | None = None, **kwargs) -> nn.Module:
@@ -87,7 +77,7 @@ class Predictor:
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model
-        self.transform = _eval_transform(self.data_config)
+        self.transform = build_eval_transform(self.data_config)
         self._lock = threading.Lock()  # forward passes from several threads would fight over torch threads
 
     # ------------------------------------------------------------------ construction
@@ -111,7 +101,7 @@ class Predictor:
         names = meta.get("class_names") or [str(i) for i in range(n)]
         if len(names) != n:
             raise CheckpointError(f"{resolved.uri}/meta.json: {len(names)} class_names but num_classes={n}")
-        data_config = meta.get("data_config") or _resolve_data_config(model, _meta_img_size(meta))
+        data_config = meta.get("data_config") or resolve_data_config(model, img_size=_meta_img_size(meta))
         return cls(model, model_name=name, class_names=names, data_config=data_config, device=device,
                    source=resolved.uri, kind="folder", meta=meta, max_pixels=max_pixels, batch_size=batch_size)
 
@@ -130,7 +120,7 @@ class Predictor:
         names = list(class_names) if class_names else [str(i) for i in range(n)]
         if len(names) != n:
             raise ConfigError(f"{len(names)} class names given for num_classes={n}")
-        return cls(model, model_name=str(model_name), class_names=names, data_config=_resolve_data_config(model),
+        return cls(model, model_name=str(model_name), class_names=names, data_config=resolve_data_config(model),
                    device=device, source=uri, kind="legacy_pt",
                    meta={"model_name": str(model_name), "num_classes": n}, max_pixels=max_pixels,
                    batch_size=batch_size)
@@ -143,7 +133,7 @@ class Predictor:
         model = _build(model_name, IMAGENET_CLASSES, pretrained=True, pretrained_file=pretrained_file,
                        weights_dir=weights_dir)
         return cls(model, model_name=model_name, class_names=imagenet_class_names(),
-                   data_config=_resolve_data_config(model), device=device, source=f"pretrained:{model_name}",
+                   data_config=resolve_data_config(model), device=device, source=f"pretrained:{model_name}",
                    kind="pretrained", meta={"model_name": model_name, "num_classes": IMAGENET_CLASSES},
                    max_pixels=max_pixels, batch_size=batch_size)
 
