@@ -21,11 +21,11 @@ from typing import Any, Iterable
 import timm
 from torch import nn
 
+from raytimm.envvars import WEIGHTS_DIR_ENV
 from raytimm.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_DIR_ENV = "RAYTIMM_WEIGHTS_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/raytimm"
 
 

@@ -29,18 +29,12 @@ from ray.train import LoggingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
 from raytimm import storage  # noqa: E402
+from raytimm.envvars import forwarded_env  # noqa: E402
 from raytimm.config import Config, config_from_dict, config_to_dict, dump_yaml, flatten_config  # noqa: E402
 from raytimm.errors import CheckpointError, RaytimmError  # noqa: E402
 
 log = logging.getLogger("raytimm.train")
 
-# Env vars workers need when they were not started by this process (PITFALLS: "Env of workers").
-# Only non-secret values: credentials come from each node's own environment or provider chain.
-FORWARDED_ENV = (
-    "RAYTIMM_WEIGHTS_DIR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "R2_ACCOUNT_ID",
-    "R2_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "RAYTIMM_TEST_CRASH_AT_EPOCH", "RAYTIMM_TEST_CRASH_MARKER",
-    "TQDM_DISABLE", "RAY_TRAIN_ENABLE_PRINT_PATCH",
-)
 
 
 @dataclasses.dataclass
@@ -102,8 +96,8 @@ def _verbose() -> bool:
 
 
 def worker_env() -> dict[str, str]:
-    """The non-secret environment forwarded to Train workers."""
-    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    """The non-secret environment forwarded to Train workers (envvars.FORWARDED_ENV)."""
+    return forwarded_env()
 
 
 # ------------------------------------------------------------------ worker side

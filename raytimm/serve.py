@@ -36,6 +36,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raytimm.config import ServeConfig
+from raytimm.envvars import API_TOKEN_ENV as TOKEN_ENV
+from raytimm.envvars import WEIGHTS_DIR_ENV, forwarded_env
 from raytimm.errors import (CheckpointError, CheckpointNotFound, ConfigError, DataError, ImageError,
                             ImageTooLargeError, RaytimmError, StorageError)
 
@@ -45,13 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("raytimm.serve")
 
 APP_NAME = "raytimm"
-TOKEN_ENV = "RAYTIMM_API_TOKEN"
-WEIGHTS_DIR_ENV = "RAYTIMM_WEIGHTS_DIR"
 MAX_FILES = 64
 MAX_TOP_K_DIGITS = 9
-# Non-secret settings replicas need when they run on a cluster we did not start (PITFALLS: env).
-_FORWARDED_ENV = ("RAYTIMM_WEIGHTS_DIR", "RAYTIMM_CACHE_DIR", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                  "AWS_REGION", "AWS_DEFAULT_REGION", "R2_ACCOUNT_ID", "R2_ENDPOINT_URL")
 _DEFAULTS = ServeConfig()
 _QUIET_LOGGING = {"enable_access_log": False, "log_level": "WARNING"}
 
@@ -199,7 +196,7 @@ def _read_token() -> Secret:
 
 
 def _forwarded_env() -> dict:
-    return {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
+    return forwarded_env()
 
 
 # ----------------------------------------------------------------------------- model deployment
