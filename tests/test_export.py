@@ -23,18 +23,10 @@ from raytimm.data.transforms import resolve_data_config
 from raytimm.errors import CheckpointError, ConfigError, ExportError
 from raytimm.predict import Predictor
 from tests.test_predict import CLASSES, MODEL, color_image, make_trained_checkpoint, write_imagefolder
+from tests.test_target_models import one_thread  # noqa: F401 - autouse: one torch thread on shared cores
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore")  # the exporter's own deprecation chatter
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on 2 shared cores, 2 threads spin against other processes and run many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
