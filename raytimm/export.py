@@ -127,18 +127,22 @@ class OnnxRunner:
             raise CheckpointError(f"{name}: expected one image input and a logits output, got "
                                   f"{len(inputs)} inputs and {len(outputs)} outputs")
         self.input_name, self.input_shape = inputs[0].name, list(inputs[0].shape)
-        self.output_name = outputs[0].name
+        self.output_name, self.output_shape = outputs[0].name, list(outputs[0].shape)
         self.providers = list(self.session.get_providers())
         self.device = torch.device("cuda" if "CUDAExecutionProvider" in self.providers else "cpu")
         self._lock = threading.Lock()  # concurrent runs would oversubscribe the intra-op threads
 
-    def check_input_size(self, data_config: dict, name: str) -> None:
-        """The graph's fixed H, W must be the data config's: the eval transform makes exactly that size."""
+    def check_shapes(self, data_config: dict, num_classes: int, name: str) -> None:
+        """The graph must take what the eval transform makes (data_config's size) and give one logit per class."""
         want = [int(v) for v in data_config["input_size"]]
         have = self.input_shape[1:]
         if len(have) != 3 or any(isinstance(h, int) and h != w for h, w in zip(have, want)):
             raise CheckpointError(f"{name}: the ONNX input is {self.input_shape} but meta.json data_config "
                                   f"input_size is {want}")
+        classes = self.output_shape[1] if len(self.output_shape) == 2 else None
+        if isinstance(classes, int) and classes != int(num_classes):
+            raise CheckpointError(f"{name}: the ONNX output has {classes} logits but meta.json num_classes is "
+                                  f"{num_classes}")
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Forward a NCHW batch; float32 logits on CPU."""
@@ -460,8 +464,8 @@ def load_onnx_predictor(resolved: ckpt.ResolvedCheckpoint, *, model_name: str | 
         name = ckpt.join_uri(folder, ONNX_FILE)
         runner = OnnxRunner(os.path.join(local, ONNX_FILE), name=name, num_threads=num_threads, device=device,
                             providers=providers)
-    runner.check_input_size(meta["data_config"], name)
     n = int(meta["num_classes"])
+    runner.check_shapes(meta["data_config"], n, name)
     names = list(class_names) if class_names else meta.get("class_names") or [str(i) for i in range(n)]
     if len(names) != n:
         raise CheckpointError(f"{folder}/meta.json: {len(names)} class_names but num_classes={n}")
