@@ -36,7 +36,7 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
 
 
 @dataclass
-class DataConfig:
+class DataSection:
     path: str = _f("", "Dataset root: an ImageFolder (train/ and optional val/) or a DICE export; local, s3:// or r2://.")
     format: Literal["imagefolder", "dice"] = _f("imagefolder", "Dataset layout: imagefolder or dice (converted to a cached ImageFolder).")
     split_ratio: float = _f(0.8, "Train fraction when the dataset has no val/ folder (stratified, deterministic split).")
@@ -64,7 +64,7 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelSection:
     name: str = _f("resnet18", "timm model name, e.g. resnet50, efficientnet_b0, vit_small_patch16_224.")
     pretrained: bool = _f(False, "Start from pretrained weights (pretrained_file, $RAYTIMM_WEIGHTS_DIR, then the hub).")
     pretrained_file: Optional[str] = _f(None, "Pretrained weights file (path or s3:// / r2:// URI); the head is adapted.")
@@ -85,7 +85,7 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainSection:
     epochs: int = _f(10, "Number of epochs.")
     batch_size: int = _f(32, "Batch size per worker.")
     eval_batch_size: Optional[int] = _f(None, "Validation batch size per worker; default 2x batch_size.")
@@ -138,7 +138,7 @@ class TrainConfig:
 
 
 @dataclass
-class ScalingConfig:
+class ScalingSection:
     num_workers: int = _f(1, "Number of Ray Train workers (one DDP rank each).")
     use_gpu: Optional[bool] = _f(None, "Use one GPU per worker; default: auto (true when the cluster has GPUs).")
     cpus_per_worker: Optional[float] = _f(None, "CPUs reserved per worker; default 1.")
@@ -155,14 +155,14 @@ class ScalingConfig:
 
 
 @dataclass
-class StorageConfig:
+class StorageSection:
     path: str = _f("./runs", "Where runs and checkpoints go: a local folder, s3://bucket/prefix or r2://bucket/prefix.")
     endpoint_url: Optional[str] = _f(None, "S3 endpoint override (else AWS_ENDPOINT_URL, or R2's from R2_ACCOUNT_ID).")
     region: Optional[str] = _f(None, "Bucket region; r2:// always uses 'auto'.")
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointSection:
     metric: str = _f("val/top1", "Metric that ranks checkpoints and picks `best`.")
     mode: Literal["max", "min"] = _f("max", "Whether a larger or smaller metric is better.")
     num_to_keep: int = _f(2, "Best checkpoints kept by Ray Train (the latest is always kept too).")
@@ -173,7 +173,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class MlflowConfig:
+class MlflowSection:
     enabled: bool = _f(True, "Track the run in MLflow.")
     tracking_uri: Optional[str] = _f(None, "Tracking server URI; default $MLFLOW_TRACKING_URI, else a sqlite store next to the runs.")
     experiment: str = _f("raytimm", "MLflow experiment name.")
@@ -184,7 +184,7 @@ class MlflowConfig:
 
 
 @dataclass
-class RunConfig:
+class RunSection:
     name: Optional[str] = _f(None, "Run name (folder under storage.path); default <model>-<timestamp>. Same name resumes.")
     max_failures: int = _f(2, "Worker failures tolerated; training restarts from the latest checkpoint.")
 
@@ -196,7 +196,7 @@ class RunConfig:
 
 
 @dataclass
-class TuneConfig:
+class TuneSection:
     name: Optional[str] = _f(None, "Sweep name (folder under storage.path); default tune-<model>-<config hash>, so the same config resumes.")
     num_samples: int = _f(4, "Samples drawn per grid point.")
     scheduler: Literal["asha", "fifo"] = _f("asha", "Trial scheduler: asha (early stopping) or fifo.")
@@ -223,7 +223,7 @@ class TuneConfig:
 
 
 @dataclass
-class ServeConfig:
+class ServeSection:
     host: str = _f("127.0.0.1", "Address the HTTP proxy binds; 0.0.0.0 exposes it to the network.")
     port: int = _f(8000, "HTTP port.")
     replicas: int = _f(1, "Model replicas.")
@@ -253,16 +253,16 @@ METRIC_NAMES = ("val/top1", "val/top5", "val/loss", "train/loss", "train/top1")
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    mlflow: MlflowSection = field(default_factory=MlflowSection)
+    run: RunSection = field(default_factory=RunSection)
+    tune: TuneSection = field(default_factory=TuneSection)
+    serve: ServeSection = field(default_factory=ServeSection)
 
     def validate(self) -> "Config":
         """Check every section; raises ConfigError naming the first bad key."""

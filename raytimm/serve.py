@@ -35,7 +35,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raytimm.config import ServeConfig
+from raytimm.config import ServeSection
 from raytimm.envvars import API_TOKEN_ENV as TOKEN_ENV
 from raytimm.envvars import WEIGHTS_DIR_ENV, forwarded_env
 from raytimm.errors import (CheckpointError, CheckpointNotFound, ConfigError, DataError, ImageError,
@@ -49,7 +49,7 @@ log = logging.getLogger("raytimm.serve")
 APP_NAME = "raytimm"
 MAX_FILES = 64
 MAX_TOP_K_DIGITS = 9
-_DEFAULTS = ServeConfig()
+_DEFAULTS = ServeSection()
 _QUIET_LOGGING = {"enable_access_log": False, "log_level": "WARNING"}
 
 
