@@ -21,7 +21,7 @@ from raytimm.serve.ingress import Ingress
 from raytimm.serve.model import ModelServer
 from raytimm.serve.paths import check_checkpoint_path, normalize_prefix, storage_root
 from raytimm.serve.server import shutdown_server, wait_healthy
-from raytimm.serve.settings import Secret, ServeArgs
+from raytimm.serve.settings import ServeArgs
 from raytimm.predict import Predictor
 from tests import helpers_images as hi
 from tests.test_predict import CLASSES, MODEL, color_image, make_trained_checkpoint, png_bytes
@@ -448,7 +448,8 @@ def test_serve_args_parse_cli_style():
 
 
 def test_token_never_in_repr():
-    assert TOKEN not in repr(Secret(TOKEN)) and TOKEN not in str(Secret(TOKEN))
+    args = ServeArgs(checkpoint="/x", api_token=TOKEN)
+    assert TOKEN not in repr(args) and TOKEN not in str(args) and TOKEN not in repr(args.token())
     assert json.dumps(check_checkpoint_path("s3://b/x/y", ["s3://b"])) == '"s3://b/x/y"'
 
 

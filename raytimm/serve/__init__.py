@@ -1,14 +1,14 @@
 """Ray Serve application: FastAPI ingress + batched, multiplexed model deployment.
 
-    raytimm serve --checkpoint URI                      # server.run_server(): local Ray (or RAY_ADDRESS), blocks
+    raytimm serve --checkpoint URI [--config FILE]      # server.run_server(): local Ray (or RAY_ADDRESS), blocks
     serve run raytimm.serve:build_app checkpoint=URI    # typed app builder (settings.ServeArgs)
-    serve deploy configs/serve.yaml                     # same builder, autoscaling and resources in YAML
+    serve deploy configs/serve.yaml                     # same builder; the file is written by deploy_config.py
 
 One module per job:
-  settings.py  the typed settings (no Ray)         http.py   client errors, form fields (no Ray)
-  paths.py     allowed checkpoint prefixes (no Ray) model.py  ModelServer: hot reload, multiplexing, batching
-  ingress.py   FastAPI app + Ingress deployment     app.py    build_app, deploy, deployment version
-  server.py    `raytimm serve`: start, wait healthy, block, shut down
+  settings.py  the typed settings, flags (no Ray)   http.py     client errors, form fields (no Ray)
+  paths.py     allowed checkpoint prefixes (no Ray) model.py    ModelServer: hot reload, multiplexing, batching
+  ingress.py   FastAPI app + Ingress deployment     app.py      build_app, deploy, deployment version
+  server.py    `raytimm serve`: start, wait, block  deploy_config.py  serve deploy YAML from the settings
 
 Only this package imports ``ray.serve``. The names below are loaded on first use, so importing
 ``raytimm.serve.settings`` (the config does) or ``raytimm.serve.http`` does not import Ray.
@@ -17,7 +17,7 @@ import importlib
 
 _LAZY = {
     "build_app": "raytimm.serve.app", "deploy": "raytimm.serve.app",
-    "ServeArgs": "raytimm.serve.settings",
+    "ServeArgs": "raytimm.serve.settings", "ServeSettings": "raytimm.serve.settings",
     "run_server": "raytimm.serve.server", "shutdown_server": "raytimm.serve.server",
     "wait_healthy": "raytimm.serve.server",
 }

@@ -10,11 +10,12 @@ from typing import Any
 from ray import serve
 
 import raytimm
-from raytimm.envvars import API_TOKEN_ENV, WEIGHTS_DIR_ENV, forwarded_env
+from raytimm.envvars import WEIGHTS_DIR_ENV, forwarded_env
+from raytimm.errors import ConfigError
 from raytimm.serve.ingress import Ingress
 from raytimm.serve.model import ModelServer
 from raytimm.serve.paths import normalize_prefix, storage_root
-from raytimm.serve.settings import APP_NAME, QUIET_LOGGING, Secret, ServeArgs
+from raytimm.serve.settings import APP_NAME, QUIET_LOGGING, ServeArgs
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _RAYTIMM_DIR = os.path.dirname(_PACKAGE_DIR)
@@ -54,10 +55,38 @@ def _with_version(deployment, version: str):
         return deployment
 
 
+def model_options(args: ServeArgs) -> dict:
+    """ModelServer's deployment options for these args (without runtime_env): what configs/serve.yaml spells out."""
+    opts: dict = dict(
+        max_ongoing_requests=max(32, 4 * args.max_batch_size),
+        ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+        user_config={"checkpoint": args.checkpoint, "model_name": args.model_name,
+                     "num_classes": args.num_classes, "max_batch_size": args.max_batch_size,
+                     "batch_wait_ms": args.batch_wait_ms, "max_pixels": args.max_pixels},
+    )
+    if args.autoscaling:
+        opts["autoscaling_config"] = args.autoscaling
+    else:
+        opts["num_replicas"] = args.replicas
+    return opts
+
+
+def ingress_options(args: ServeArgs) -> dict:
+    """Ingress's deployment options for these args (without runtime_env and user_config)."""
+    return dict(num_replicas=args.ingress_replicas, max_ongoing_requests=256,
+                ray_actor_options={"num_cpus": args.ingress_num_cpus})
+
+
+def _with_env(options: dict, env: dict) -> dict:
+    return {**options, "ray_actor_options": {**options["ray_actor_options"], "runtime_env": {"env_vars": env}}}
+
+
 def build_app(args: ServeArgs):
     """Typed Serve app builder: Ingress(FastAPI) bound to a ModelServer loaded from ``args.checkpoint``."""
     from raytimm import checkpoint as ckpt
 
+    if not args.checkpoint:  # a ServeSettings without one (ServeArgs itself requires it)
+        raise ConfigError("no checkpoint to serve: set checkpoint")
     # Fail here, with the URI in the message, rather than in a replica's log.
     resolved = ckpt.resolve_checkpoint(args.checkpoint)
     allow = [normalize_prefix(p) for p in args.allow]
@@ -67,31 +96,17 @@ def build_app(args: ServeArgs):
     env = forwarded_env()
     if weights_dir:
         env[WEIGHTS_DIR_ENV] = weights_dir
-    model_opts: dict = dict(
-        ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
-                           "runtime_env": {"env_vars": env}},
-        user_config={"checkpoint": args.checkpoint, "model_name": args.model_name,
-                     "num_classes": args.num_classes, "max_batch_size": args.max_batch_size,
-                     "batch_wait_ms": args.batch_wait_ms, "max_pixels": args.max_pixels},
-        max_ongoing_requests=max(32, 4 * args.max_batch_size),
-    )
-    if args.autoscaling:
-        model_opts["autoscaling_config"] = args.autoscaling
-    else:
-        model_opts["num_replicas"] = args.replicas
     # Torch threads come from the CPUs Ray assigns each replica (also when serve.yaml overrides them).
     model_kwargs = dict(weights_dir=weights_dir, max_models=args.max_models)
-    model = _with_version(ModelServer.options(**model_opts), code_version("model", model_kwargs))
-    model = model.bind(**model_kwargs)
-    token = Secret(os.environ.get(API_TOKEN_ENV))
-    # The token is folded into a hash so a changed token restarts the ingress; it is never stored in clear.
-    ingress = _with_version(Ingress, code_version("ingress", token.get()))
-    ingress = ingress.options(
-        num_replicas=args.ingress_replicas,
-        ray_actor_options={"num_cpus": args.ingress_num_cpus, "runtime_env": {"env_vars": env}},
-        user_config={"allow": allow, "max_upload_mb": args.max_upload_mb, "max_pixels": args.max_pixels},
-        max_ongoing_requests=256,
-    )
+    model = ModelServer.options(**_with_env(model_options(args), env))
+    model = _with_version(model, code_version("model", model_kwargs)).bind(**model_kwargs)
+    token = args.token()
+    # Only a hash of the token enters the version (so a new token restarts the ingress); never the token.
+    token_hash = hashlib.sha256(token.get_secret_value().encode()).hexdigest() if token else None
+    ingress = _with_version(Ingress, code_version("ingress", token_hash))
+    ingress = ingress.options(**_with_env(ingress_options(args), env),
+                              user_config={"allow": allow, "max_upload_mb": args.max_upload_mb,
+                                           "max_pixels": args.max_pixels})
     return ingress.bind(model, token)
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import SecretStr
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
@@ -24,7 +25,7 @@ from raytimm.serve.http import (MAX_FILES, HTTPError, check_pretrained_name, err
                                 text_field)
 from raytimm.serve.model import multiplexed_id
 from raytimm.serve.paths import check_checkpoint_path, check_resolved_path, normalize_prefix
-from raytimm.serve.settings import DEFAULTS, QUIET_LOGGING, Secret
+from raytimm.serve.settings import DEFAULTS, QUIET_LOGGING
 
 log = logging.getLogger("raytimm.serve")
 
@@ -75,11 +76,12 @@ def _replay(body: bytes):
 class Ingress:
     """HTTP front: auth, limits, decoding, allowed prefixes; forwards arrays to ModelServer."""
 
-    def __init__(self, model: DeploymentHandle, token: Optional[Secret] = None):
+    def __init__(self, model: DeploymentHandle, token: Optional[SecretStr] = None):
         from raytimm.logs import worker_logging_setup
         worker_logging_setup()
         self._model = model
-        token_value = token.get() if isinstance(token, Secret) else None
+        # The replica's own environment is the fallback (e.g. the token is injected into the cluster's pods).
+        token_value = token.get_secret_value() if isinstance(token, SecretStr) else None
         self._token = (token_value or os.environ.get(API_TOKEN_ENV) or "").encode() or None
         self._allow: list = []
         self._max_upload = int(DEFAULTS.max_upload_mb * 1024 * 1024)

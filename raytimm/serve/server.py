@@ -6,13 +6,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Optional
-
 from ray import serve
 
 from raytimm.errors import RaytimmError
 from raytimm.serve.app import deploy
-from raytimm.serve.settings import DEFAULTS, QUIET_LOGGING, ServeArgs
+from raytimm.serve.settings import QUIET_LOGGING, ServeArgs, ServeSettings
 
 log = logging.getLogger("raytimm.serve")
 
@@ -50,32 +48,23 @@ def start_serve(host: str, port: int) -> bool:
     return started
 
 
-def run_server(checkpoint: str, host: str = DEFAULTS.host, port: int = DEFAULTS.port,
-               replicas: int = DEFAULTS.replicas, max_batch_size: int = DEFAULTS.max_batch_size,
-               batch_wait_ms: float = DEFAULTS.batch_wait_ms, allow: Optional[list] = None,
-               max_upload_mb: float = DEFAULTS.max_upload_mb, max_pixels: int = DEFAULTS.max_pixels,
-               max_models: int = DEFAULTS.max_models, num_cpus: float = DEFAULTS.num_cpus,
-               num_gpus: float = DEFAULTS.num_gpus, model_name: Optional[str] = None,
-               num_classes: Optional[int] = None, weights_dir: Optional[str] = None,
-               block: bool = True, ready_timeout_s: float = 600.0) -> str:
+def run_server(settings: ServeSettings, *, block: bool = True, ready_timeout_s: float = 600.0) -> str:
     """`raytimm serve`: start Serve, deploy, print the URL when /healthz is ready, block until Ctrl-C.
 
     SIGHUP re-resolves the checkpoint (e.g. a run folder's new `best`) and hot-reloads it.
     Returns the URL (when block=False the app keeps running; call shutdown_server()).
     """
-    args = ServeArgs(checkpoint=checkpoint, model_name=model_name, num_classes=num_classes, replicas=replicas,
-                     max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, max_upload_mb=max_upload_mb,
-                     max_pixels=max_pixels, allow=list(allow or []), max_models=max_models, num_cpus=num_cpus,
-                     num_gpus=num_gpus, weights_dir=weights_dir)
+    args = settings.app_args()
     from raytimm import checkpoint as ckpt
-    ckpt.resolve_checkpoint(checkpoint)  # before starting Ray: a typo fails in a second, not a minute
+    ckpt.resolve_checkpoint(args.checkpoint)  # before starting Ray: a typo fails in a second, not a minute
+    host, port = settings.host, settings.port
     started = start_serve(host, port)
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown_host}:{port}"
     try:
         deploy(args)
         wait_healthy(url, timeout_s=ready_timeout_s)
-        print(f"raytimm serving {checkpoint} at {url}  (POST /predict, POST /inference/quick, GET /model)",
+        print(f"raytimm serving {args.checkpoint} at {url}  (POST /predict, POST /inference/quick, GET /model)",
               flush=True)
         if not block:
             return url
