@@ -151,3 +151,20 @@ def test_shipped_serve_sections():
     # The README's `raytimm serve --config configs/quickstart.yaml` serves the quickstart run.
     s = _cli_settings("--config", str(ROOT / "configs" / "quickstart.yaml"), "--port", "8001")
     assert (s.checkpoint, s.port) == ("runs/quickstart", 8001)
+
+
+def test_serve_run_import_path_validates_args_with_the_typed_builder(tmp_path):
+    """What `serve run raytimm.serve:build_app checkpoint=... replicas=2` does, without starting Ray."""
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    from tests.test_predict import make_trained_checkpoint
+
+    make_trained_checkpoint(tmp_path / "runs" / "r1", steps=1)
+    builder = import_attr("raytimm.serve:build_app")  # the package attribute, loaded lazily
+    app = call_user_app_builder_with_args_if_necessary(
+        builder, {"checkpoint": str(tmp_path / "runs" / "r1"), "replicas": "2", "allow": "/a,/b"})
+    assert isinstance(app, Application)
+    with pytest.raises(Exception, match="max_batch"):  # Serve read the annotation: unknown args are refused
+        call_user_app_builder_with_args_if_necessary(builder, {"checkpoint": str(tmp_path), "max_batch": 3})
