@@ -18,6 +18,7 @@ import importlib
 _LAZY = {
     "build_app": "raytimm.serve.app", "deploy": "raytimm.serve.app",
     "ServeArgs": "raytimm.serve.settings", "ServeSettings": "raytimm.serve.settings",
+    "ModelServer": "raytimm.serve.model", "Ingress": "raytimm.serve.ingress",
     "run_server": "raytimm.serve.server", "shutdown_server": "raytimm.serve.server",
     "wait_healthy": "raytimm.serve.server",
 }
