@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import requests
@@ -94,12 +95,12 @@ def rebuild_per_request_rate(checkpoint: str, threads: int, image: bytes, repeat
 
 
 def start_server(checkpoint: str, port: int, num_cpus: float, max_batch_size: int, batch_wait_ms: float,
-                 log_path: str) -> subprocess.Popen:
-    """`raytimm serve` as a subprocess (the real CLI); returns once /healthz answers."""
+                 log_path: str, extra_args: Sequence[str] = ()) -> subprocess.Popen:
+    """`raytimm serve` as a subprocess (the real CLI, plus ``extra_args``); returns once /healthz answers."""
     exe = shutil.which("raytimm", path=os.path.dirname(sys.executable)) or shutil.which("raytimm")
     cmd = [exe] if exe else [sys.executable, "-c", "import sys; from raytimm.cli import main; sys.exit(main())"]
     cmd += ["serve", "--checkpoint", checkpoint, "--port", str(port), "--num-cpus", str(num_cpus),
-            "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(batch_wait_ms)]
+            "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(batch_wait_ms), *extra_args]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.pop("RAYTIMM_API_TOKEN", None)
     log = open(log_path, "w")
