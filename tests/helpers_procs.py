@@ -7,7 +7,6 @@ worker processes after the actor they host (``ray::ServeReplica:raytimm:ModelSer
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -73,7 +72,3 @@ def alive(pid: int) -> bool:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
-
-def own_pid() -> int:
-    """This process's pid (the root of a Ray it started with ray.init())."""
-    return os.getpid()
