@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from raytimm.errors import ConfigError
+from raytimm.metrics import RANKING_METRICS as METRIC_NAMES  # torch-free import (see metrics.py)
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
@@ -246,9 +247,6 @@ class ServeConfig:
         _check(self.max_models >= 1, f"{p}.max_models", self.max_models, ">= 1")
         _check(self.num_cpus >= 0, f"{p}.num_cpus", self.num_cpus, ">= 0")
         _check(self.num_gpus >= 0, f"{p}.num_gpus", self.num_gpus, ">= 0")
-
-
-METRIC_NAMES = ("val/top1", "val/top5", "val/loss", "train/loss", "train/top1")
 
 
 @dataclass

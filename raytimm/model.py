@@ -210,8 +210,3 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def param_count(model: nn.Module) -> int:
-    """Number of parameters of the (unwrapped) model."""
-    return sum(p.numel() for p in unwrap_model(model).parameters())
