@@ -139,7 +139,7 @@ def tune(cfg: Config) -> TuneResult:
         tracking_uri = cfg.mlflow.tracking_uri or default_tracking_uri(cfg.storage.path)
 
     # The State API behind the dashboard releases early-stopped trials' placement groups
-    # (PITFALLS: without it their CPUs leak and later trials time out).
+    # (docs/pitfalls-found.md: without it their CPUs leak and later trials time out).
     init_ray(include_dashboard=None if os.environ.get("RAY_ADDRESS") else True)
     import ray
 
@@ -191,7 +191,7 @@ def _make_tuner(cfg: Config, dims: Sequence[Dimension], tune_name: str, tune_dir
     trainable = rtune.with_parameters(_trial_driver, base=config_to_dict(cfg), tune_dir=tune_dir,
                                       tracking_uri=tracking_uri, parent_run_id=parent_run_id)
     # The driver only waits on its TorchTrainer; a zero-CPU request must name some resource
-    # (PITFALLS: {"cpu": 0} alone raises), so it asks for one byte of memory.
+    # (docs/pitfalls-found.md: {"cpu": 0} alone raises), so it asks for one byte of memory.
     trainable = rtune.with_resources(trainable, {"cpu": 0, "memory": 1})
     exp_path = f"{fs_path.rstrip('/')}/{tune_name}"
     if rtune.Tuner.can_restore(exp_path, storage_filesystem=fs):

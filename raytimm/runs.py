@@ -419,6 +419,30 @@ class RunFolder:
         self._write()
 
 
+def format_progress(p: Mapping) -> str:
+    """A few lines for a terminal (``raytimm status``): state, epoch, latest and best metrics, checkpoints."""
+    def metrics_line(m: Optional[Mapping]) -> str:
+        keys = [k for k in ("val/top1", "val/top5", "val/loss", "train/loss", "train/top1") if k in (m or {})]
+        return "  ".join(f"{k} {m[k]:.4g}" if isinstance(m[k], (int, float)) else f"{k} -" for k in keys) or "-"
+
+    epochs = p.get("epochs") or 0
+    lines = [f"run {p.get('run_name')}: {p.get('status')}, epoch {p.get('epoch', 0)}/{epochs} "
+             f"({100.0 * float(p.get('progress') or 0.0):.0f}%)"]
+    if p.get("message"):
+        lines.append(f"  error:   {p['message']}")
+    if p.get("metrics"):
+        lines.append(f"  latest:  {metrics_line(p['metrics'])}")
+    if p.get("best_checkpoint"):
+        lines.append(f"  best:    epoch {p.get('best_epoch')}  {metrics_line(p.get('best_metrics'))}")
+        lines.append(f"           {p['best_checkpoint']}")
+    if p.get("mlflow_run_id"):
+        lines.append(f"  mlflow:  run {p['mlflow_run_id']}")
+    times = [f"{k} {p[k + '_at']}" for k in ("started", "updated", "finished") if p.get(k + "_at")]
+    if times:
+        lines.append("  " + ", ".join(times))
+    return "\n".join(lines)
+
+
 def error_line(exc: BaseException) -> str:
     """The first line of an error, as progress.json's ``message`` and the CLI's last line show it."""
     text = str(exc).strip()

@@ -75,7 +75,7 @@ def _digest_loop_factory(out_dir: str):
         finally:
             ray.train.torch.prepare_model = original
         h = hashlib.sha256()
-        # Buffers too: BatchNorm running stats must match across ranks (PITFALLS: DDP syncs them late).
+        # Buffers too: BatchNorm running stats must match across ranks (docs/pitfalls-found.md: DDP syncs them late).
         for k, v in sorted(unwrap_model(captured["model"]).state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
