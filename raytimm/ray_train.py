@@ -373,17 +373,16 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
     trainer = build_trainer(cfg, run_name=run_name, callbacks=[callback, *callbacks], train_loop=train_loop)
     try:
         result = trainer.fit()
-        folder.reload()  # the controller's callback published every epoch since start()
-        if result.error is not None:
-            raise RaytimmError(f"training run {run_name!r} failed: {result.error}")
+        error, message = result.error, f"training run {run_name!r} failed: {result.error}"
     except Exception as e:  # Ray wraps worker errors; name the run and keep the cause's message
+        error = e.__cause__ or e
+        message = f"training run {run_name!r} failed: {type(error).__name__}: {error}"
+    if error is not None:
         if logger is not None:
             logger.finish("FAILED")
-        if not isinstance(e, RaytimmError):
-            cause = e.__cause__ or e
-            e = RaytimmError(f"training run {run_name!r} failed: {type(cause).__name__}: {cause}")
-        _mark_failed(folder, e)
-        raise e from None
+        _mark_failed(folder, f"training run {run_name!r} failed: {_failure_line(error)}")
+        raise RaytimmError(message) from None
+    folder.reload()  # the controller's callback published every epoch since start()
 
     best = runs.best_of(sorted(result.best_checkpoints or [], key=lambda cm: float(cm[1].get("epoch", 0))),
                         metric=cfg.checkpoint.metric, mode=cfg.checkpoint.mode, metrics_of=lambda cm: cm[1])
@@ -406,12 +405,22 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
     return out
 
 
-def _mark_failed(folder: runs.RunFolder, error: BaseException) -> None:
-    """progress.json says the run failed, with the error's one line; the run's own error is what the
-    caller raises, so a store that cannot take this write only costs a warning."""
+def _failure_line(error: BaseException) -> str:
+    """What went wrong in one line: the first failed worker's own error, not Ray's multi-line wrapper."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        error = failures[min(failures)]
+    else:
+        error = getattr(error, "controller_failure", None) or error
+    return f"{type(error).__name__}: {runs.error_line(error)}"
+
+
+def _mark_failed(folder: runs.RunFolder, message: str) -> None:
+    """progress.json says the run failed, with ``message``; the run's own error is what the caller
+    raises, so a store that cannot take this write only costs a warning."""
     try:
-        folder.reload()
-        folder.finish("failed", runs.error_line(error))
+        folder.reload()  # the controller's callback published epochs since start()
+        folder.finish("failed", message)
     except Exception as e:  # noqa: BLE001 - the training error above is the one to report
         log.warning("could not mark %s as failed in progress.json: %s", folder.run_dir, e)
 
