@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import logging
 import math
 import os
 import re
@@ -30,8 +29,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 from raytimm import storage
 from raytimm.errors import CheckpointError, RaytimmError
-
-log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint_"
 PROGRESS_FILE = "progress.json"
@@ -74,12 +71,12 @@ def _now() -> str:
 def score(metrics: Optional[Mapping], metric: str) -> Optional[float]:
     """The metric as a float, or None when it is missing, not a number, or NaN (it never ranks)."""
     v = (metrics or {}).get(metric)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        try:
-            v = float(v)  # numpy scalars
-        except (TypeError, ValueError):
-            return None
-    v = float(v)
+    if v is None or isinstance(v, (bool, str)):
+        return None
+    try:
+        v = float(v)  # also numpy scalars (Tune's dataframes)
+    except (TypeError, ValueError):
+        return None
     return None if math.isnan(v) else v
 
 
@@ -183,7 +180,7 @@ def persist_checkpoint(local_dir: str, dest: str, *, move: bool = False) -> str:
 
 
 def prune(run_dir_uri: str, *, metric: str, mode: str, num_to_keep: int,
-          known: Mapping[int, Mapping] = {}) -> list[str]:
+          known: Optional[Mapping[int, Mapping]] = None) -> list[str]:
     """Delete the checkpoints retention does not keep (see ``to_keep``); returns the URIs deleted.
 
     ``known`` gives metrics by epoch; other checkpoints' metrics are read from their meta.json
@@ -193,7 +190,7 @@ def prune(run_dir_uri: str, *, metric: str, mode: str, num_to_keep: int,
 
     entries, uris = [], {}
     for uri, epoch, complete in list_checkpoints(run_dir_uri):
-        metrics = known.get(epoch)
+        metrics = (known or {}).get(epoch)
         if metrics is None and complete:
             metrics = load_meta(uri).get("metrics") or {}
         entries.append((epoch, metrics))
