@@ -115,7 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
     # the bucket URI, not this node's cache folder, in cfg and so in every meta.json.
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
 
-    run_dir = storage.join(cfg.storage.path, cfg.run.name)
+    run_dir = runs.run_dir(cfg.storage.path, cfg.run.name)
     upload_fn = _bucket_upload_fn(run_dir) if storage.is_remote(cfg.storage.path) else None
 
     def report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
@@ -327,7 +327,7 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
 
     run_name = cfg.run.name or runs.default_run_name(cfg.model.name)
     cfg = absolutize_paths(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=run_name)))
-    run_dir = storage.join(cfg.storage.path, run_name)
+    run_dir = runs.run_dir(cfg.storage.path, run_name)
     scheme = storage.parse_uri(cfg.storage.path).scheme
     storage.configure(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
     if check:
