@@ -150,15 +150,13 @@ def _progress(iterable, *, total: int, desc: str):
 
 # ------------------------------------------------------------------ data
 
-def stage_dataset(path: str, cache_dir: str, *, endpoint_url: Optional[str] = None,
-                  region: Optional[str] = None) -> str:
+def stage_dataset(path: str, cache_dir: str) -> str:
     """A remote dataset URI mirrored once into ``<cache_dir>/datasets`` on this node; a local path as given."""
     from raytimm import storage
 
     if not storage.is_remote(path):
         return path
-    return storage.stage(path, os.path.join(os.path.expanduser(cache_dir), "datasets"), endpoint_url=endpoint_url,
-                         region=region)
+    return storage.stage(path, os.path.join(os.path.expanduser(cache_dir), "datasets"))
 
 
 def prepare_dataset_root(cfg) -> str:
@@ -172,7 +170,7 @@ def prepare_dataset_root(cfg) -> str:
     if not first:
         dist_utils.barrier()
     try:
-        root = stage_dataset(root, cache, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+        root = stage_dataset(root, cache)
         if cfg.data.format == "dice":
             from raytimm.data.dice import ensure_dice_converted
 

@@ -427,6 +427,7 @@ def tune(cfg: Config) -> TuneResult:
                                                                   mode=cfg.tune.mode))
     tune_name = cfg.tune.name or default_tune_name(cfg)
     tune_dir = storage.join(cfg.storage.path, tune_name)
+    storage.configure(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
     preflight(cfg)  # once for the sweep; trial drivers skip it
     tracking_uri = None
     if cfg.mlflow.enabled:
@@ -480,8 +481,7 @@ def _make_tuner(cfg: Config, dims: Sequence[Dimension], tune_name: str, tune_dir
 
     from raytimm import storage
 
-    fs, fs_path = storage.get_filesystem(cfg.storage.path, endpoint_url=cfg.storage.endpoint_url,
-                                         region=cfg.storage.region)
+    fs, fs_path = storage.get_filesystem(cfg.storage.path)
     trainable = rtune.with_parameters(_trial_driver, base=config_to_dict(cfg), tune_dir=tune_dir,
                                       tracking_uri=tracking_uri, parent_run_id=parent_run_id)
     # The driver only waits on its TorchTrainer; a zero-CPU request must name some resource
@@ -511,8 +511,7 @@ def _trial_id(result) -> str:
     return base[len("tune_"):] if base.startswith("tune_") else base
 
 
-def trial_checkpoints(run_dir: str, *, endpoint_url: Optional[str] = None,
-                      region: Optional[str] = None) -> list[tuple[str, dict]]:
+def trial_checkpoints(run_dir: str) -> list[tuple[str, dict]]:
     """(URI, metrics) of every complete checkpoint in a trial's run folder, oldest first.
 
     The folder is the truth: ASHA kills a trial's driver between epochs, so the trial's own
@@ -523,7 +522,7 @@ def trial_checkpoints(run_dir: str, *, endpoint_url: Optional[str] = None,
     from raytimm.checkpoint import META_FILE, MODEL_FILE, load_meta
 
     files: dict[str, set] = {}
-    for f in storage.list_files(run_dir, endpoint_url=endpoint_url, region=region):
+    for f in storage.list_files(run_dir):
         parts = f.key.split("/")
         if len(parts) == 2 and parts[0].startswith("checkpoint_"):
             files.setdefault(parts[0], set()).add(parts[1])
@@ -571,7 +570,7 @@ def summarize(grid, cfg: Config, dims: Sequence[Dimension], tune_dir: str,
     for r in grid:
         tid = _trial_id(r)
         run_dir = storage.join(tune_dir, f"{TRIAL_PREFIX}{tid}")
-        ckpts = trial_checkpoints(run_dir, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+        ckpts = trial_checkpoints(run_dir)
         seen = int((r.metrics or {}).get("epoch") or 0)
         if seen:
             # A stopped trial's workers often finish one more epoch before the kill lands; the

@@ -426,10 +426,12 @@ def test_r2_training_with_explicit_endpoint_fine_tunes_from_legacy_pt(e2e, secon
     ep = second_server
     bucket = "r2-e2e"
     e2e.client(ep).create_bucket(Bucket=bucket)
-    storage.upload(e2e.data_dir, f"r2://{bucket}/ds", endpoint_url=ep)
+    storage.configure(endpoint_url=ep)
+    storage.upload(e2e.data_dir, f"r2://{bucket}/ds")
     legacy, state = _legacy_pt(tmp_path / "best.pt")
     init = f"r2://{bucket}/checkpoints/projects/1/jobs/100/best.pt"
-    storage.upload(str(legacy), init, endpoint_url=ep)
+    storage.upload(str(legacy), init)
+    storage.configure()  # from here on only the run's config names the endpoint
 
     # lr ~ 0: the fine-tuned weights must still be the legacy ones, so we can tell they were loaded.
     cfg = _load([f"data.path=r2://{bucket}/ds", f"storage.path=r2://{bucket}/runs", "run.name=r2-run",
@@ -446,7 +448,8 @@ def test_r2_training_with_explicit_endpoint_fine_tunes_from_legacy_pt(e2e, secon
     assert not e2e.keys("runs/r2-run")  # nothing went to AWS_ENDPOINT_URL's server
 
     weights = tmp_path / "w.safetensors"
-    storage.download(f"{res.best_checkpoint}/model.safetensors", str(weights), endpoint_url=ep)
+    storage.configure(endpoint_url=ep)
+    storage.download(f"{res.best_checkpoint}/model.safetensors", str(weights))
     tuned = safetensors.torch.load_file(str(weights))
     for key, value in state.items():
         if value.is_floating_point() and "running" not in key:  # BN running stats move in train mode
