@@ -262,9 +262,7 @@ def absolutize_paths(cfg: Config) -> Config:
     def fix(p: Optional[str]) -> Optional[str]:
         if not p or storage.is_remote(p):
             return p
-        if p.startswith("file://"):
-            p = p[len("file://"):]
-        return os.path.abspath(os.path.expanduser(p))
+        return os.path.abspath(storage.local_path(p))
 
     def node_local(p: str) -> str:
         # `~` and `$VAR` name each node's own disk: the worker expands them (train_loop_per_worker).

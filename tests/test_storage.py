@@ -116,6 +116,16 @@ def test_join_and_normalize(tmp_path):
         storage.join("s3://b-1/a", "../escape")
 
 
+def test_local_path_strips_file_scheme_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert storage.local_path("file:///data/x") == "/data/x"
+    assert storage.local_path("runs/a") == "runs/a"  # relative stays relative
+    assert storage.local_path("file://~/w.safetensors") == str(tmp_path / "w.safetensors")
+    assert storage.local_path("s3://b-1/x") is None and storage.local_path("r2://b-1/x") is None
+    with pytest.raises(StorageError, match="file://: file:// URI without a path"):
+        storage.local_path("file://")
+
+
 # --------------------------------------------------------------------------- client config (no server)
 
 
