@@ -264,6 +264,19 @@ def test_local_preflight(tmp_path):
     assert (tmp_path / "runs" / "new").is_dir()
 
 
+def test_preflight_accepts_what_training_accepts(tmp_path):
+    """The dataset preflight and the ImageFolder scan agree on image extensions (one list)."""
+    from raytimm.data.folder import IMAGE_EXTENSIONS, is_image_file
+
+    for ext in (*IMAGE_EXTENSIONS, ".gif", ".txt"):
+        ds = make_tree(tmp_path / ext.lstrip("."), {f"train/cat/1{ext.upper()}": b"x"})
+        if is_image_file(f"1{ext}"):
+            storage.preflight(ds, want="dataset")
+        else:
+            with pytest.raises(StorageError, match="no images"):
+                storage.preflight(ds, want="dataset")
+
+
 # --------------------------------------------------------------------------- S3-compatible server
 
 

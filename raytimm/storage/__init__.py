@@ -8,7 +8,7 @@ One module per job; the public API is re-exported here, so callers write ``stora
 - :mod:`~raytimm.storage.objects`: list, exists, read, write, delete.
 - :mod:`~raytimm.storage.transfer`: upload and download with fixed-size multipart parts (R2).
 - :mod:`~raytimm.storage.staging`: a bucket prefix mirrored into the node cache, kept current by ETag.
-- :mod:`~raytimm.storage.preflight`: reachable, writable, a dataset, before any worker starts.
+- :mod:`~raytimm.storage.checks`: the preflight (reachable, writable, a dataset, before any worker starts).
 """
 from raytimm.storage.clients import (
     CONNECT_TIMEOUT_S,
@@ -33,7 +33,7 @@ from raytimm.storage.objects import (
     write_bytes,
     write_text,
 )
-from raytimm.storage.preflight import PREFLIGHT_WANTS, preflight
+from raytimm.storage.checks import PREFLIGHT_WANTS, preflight
 from raytimm.storage.staging import StageResult, cache_dir_name, stage, stage_prefix
 from raytimm.storage.transfer import DEFAULT_PART_SIZE, MIN_PART_SIZE, download, upload
 from raytimm.storage.uri import SCHEMES, StorageURI, is_remote, join, local_path, normalize, parse_uri

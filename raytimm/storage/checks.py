@@ -9,14 +9,13 @@ import os
 import tempfile
 import threading
 
+from raytimm.data.extensions import DICE_ANNOTATION_EXTENSIONS, IMAGE_EXTENSIONS
 from raytimm.errors import StorageError
 from raytimm.storage.clients import client_for, translate
 from raytimm.storage.objects import head, iter_remote
 from raytimm.storage.uri import StorageURI, parse_uri
 
 PREFLIGHT_WANTS = ("read", "write", "dataset")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-DICE_ANNOTATION_EXTENSIONS = (".json",)
 
 
 def preflight(uri: str | os.PathLike, *, want: str = "read") -> None:
