@@ -148,6 +148,37 @@ def test_r2_client_config(no_storage_env, monkeypatch):
     assert "/b-1/k" in url  # path style
 
 
+def test_retry_settings_are_deliberate(no_storage_env, monkeypatch):
+    """The numbers storage/clients.py explains: legacy mode, 8 attempts, bounded timeouts; a quick preflight."""
+    from botocore.retryhandler import delay_exponential
+
+    cfg = storage.s3_client("s3").meta.config
+    assert cfg.retries == {"mode": "legacy", "total_max_attempts": 8}
+    assert (cfg.connect_timeout, cfg.read_timeout) == (10, 60)
+    assert storage.s3_client("s3", probe=True).meta.config.retries == {
+        "mode": "legacy", "total_max_attempts": 3}
+    # botocore's own legacy backoff for those 7 retries, rand(0,1) * 2**i s: at most 127 s, 63.5 s on
+    # average (the comment's figures), far above a 10 s outage.
+    assert sum(delay_exponential(1.0, 2, attempt) for attempt in range(1, storage.MAX_ATTEMPTS)) == 127
+    # AWS_MAX_ATTEMPTS, botocore's variable, overrides the count; nonsense is refused by name.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    assert storage.s3_client("s3").meta.config.retries["total_max_attempts"] == 2
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "zero")
+    with pytest.raises(StorageError, match="AWS_MAX_ATTEMPTS='zero': expected a whole number"):
+        storage.s3_client("s3")
+
+
+def test_pyarrow_filesystem_retries(no_storage_env, monkeypatch):
+    """Ray's storage_filesystem: 10 attempts of the SDK's unjittered 25 ms * 2**i backoff, kept when pickled."""
+    import cloudpickle
+
+    monkeypatch.setenv("R2_ACCOUNT_ID", "acc")
+    fs, _ = storage.get_filesystem("r2://b-1/runs")
+    copy = cloudpickle.loads(cloudpickle.dumps(fs))
+    assert fs.max_attempts == copy.max_attempts == 10
+    assert (copy.region, copy.__reduce__()[1][1]["endpoint_override"]) == ("auto", "acc.r2.cloudflarestorage.com")
+
+
 def test_r2_without_r2_keys_uses_aws_chain(no_storage_env, monkeypatch):
     monkeypatch.setenv("R2_ACCOUNT_ID", "0123abcd")
     url = storage.s3_client("r2").generate_presigned_url("get_object", Params={"Bucket": "b-1", "Key": "k"})

@@ -246,12 +246,13 @@ def get_filesystem(uri: str | os.PathLike):
     parsed = parse_uri(uri)
     if not parsed.remote:
         return pafs.LocalFileSystem(), parsed.key
+    from raytimm.storage.arrowfs import RetryingS3FileSystem
+
     endpoint = endpoint_for(parsed.scheme, uri=str(parsed))
     kwargs: dict = dict(
         region=_region_for(parsed.scheme) or ("us-east-1" if endpoint else None),
         connect_timeout=CONNECT_TIMEOUT_S,
         request_timeout=READ_TIMEOUT_S,
-        retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=max_attempts(PYARROW_MAX_ATTEMPTS)),
     )
     if endpoint:
         parts = urlsplit(endpoint)
@@ -262,7 +263,7 @@ def get_filesystem(uri: str | os.PathLike):
         kwargs["access_key"] = creds["aws_access_key_id"]
         kwargs["secret_key"] = creds["aws_secret_access_key"]
     path = f"{parsed.bucket}/{parsed.key}" if parsed.key else parsed.bucket
-    return pafs.S3FileSystem(**kwargs), path
+    return RetryingS3FileSystem(max_attempts(PYARROW_MAX_ATTEMPTS), **kwargs), path
 
 
 def client_for(uri: StorageURI, *, probe: bool = False):
