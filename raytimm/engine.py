@@ -150,13 +150,13 @@ def _progress(iterable, *, total: int, desc: str):
 
 # ------------------------------------------------------------------ data
 
-def stage_dataset(path: str, cache_dir: str) -> str:
+def stage_dataset(path: str, cache_dir: str, *, max_gb: Optional[float] = None) -> str:
     """A remote dataset URI mirrored once into ``<cache_dir>/datasets`` on this node; a local path as given."""
     from raytimm import storage
 
     if not storage.is_remote(path):
         return path
-    return storage.stage(path, os.path.join(os.path.expanduser(cache_dir), "datasets"))
+    return storage.stage(path, os.path.join(os.path.expanduser(cache_dir), "datasets"), max_gb=max_gb)
 
 
 def prepare_dataset_root(cfg) -> str:
@@ -170,12 +170,12 @@ def prepare_dataset_root(cfg) -> str:
     if not first:
         dist_utils.barrier()
     try:
-        root = stage_dataset(root, cache)
+        root = stage_dataset(root, cache, max_gb=cfg.data.cache_max_gb)
         if cfg.data.format == "dice":
             from raytimm.data.dice import ensure_dice_converted
 
             root = ensure_dice_converted(root, os.path.join(cache, "dice"), split_ratio=cfg.data.split_ratio,
-                                         seed=cfg.data.split_seed, log=log.info)
+                                         seed=cfg.data.split_seed, cache_max_gb=cfg.data.cache_max_gb, log=log.info)
     finally:
         if first:
             dist_utils.barrier()

@@ -1,12 +1,12 @@
 """Staging: mirror a bucket prefix into the node-local cache once, and keep it current by ETag.
 
 boto3 here (not pyarrow) because staging trusts a local file only when the listing's size and ETag
-match the manifest recorded when it was fetched; pyarrow's listing has no ETags.
+match the manifest recorded when it was fetched; pyarrow's listing has no ETags. The cache entry's
+lock, last use and eviction are :mod:`raytimm.cache`'s.
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -15,8 +15,9 @@ import re
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Optional
 
+from raytimm import cache
 from raytimm.errors import StorageError
 from raytimm.storage.clients import client_for, endpoint_label, translate
 from raytimm.storage.objects import atomic_write_local, iter_remote, list_local
@@ -45,12 +46,16 @@ def cache_dir_name(uri: str | os.PathLike, endpoint: str | None = None) -> str:
     return f"{readable}-{digest}"
 
 
-def stage(uri: str | os.PathLike, cache_root: str | os.PathLike) -> str:
-    """Mirror a remote prefix into a node-local cache folder once and return it; local paths pass through."""
-    return stage_prefix(uri, cache_root).local_dir
+def stage(uri: str | os.PathLike, cache_root: str | os.PathLike, *, max_gb: Optional[float] = None) -> str:
+    """Mirror a remote prefix into a node-local cache folder once and return it; local paths pass through.
+
+    ``max_gb`` (data.cache_max_gb) evicts least recently used cache entries after a new fetch.
+    """
+    return stage_prefix(uri, cache_root, max_gb=max_gb).local_dir
 
 
-def stage_prefix(uri: str | os.PathLike, cache_root: str | os.PathLike) -> StageResult:
+def stage_prefix(uri: str | os.PathLike, cache_root: str | os.PathLike, *,
+                 max_gb: Optional[float] = None) -> StageResult:
     """stage() with a report of what was fetched, removed and reused (see stage)."""
     parsed = parse_uri(uri)
     if not parsed.remote:
@@ -59,15 +64,18 @@ def stage_prefix(uri: str | os.PathLike, cache_root: str | os.PathLike) -> Stage
     root = os.path.abspath(os.fspath(cache_root))
     local_dir = os.path.join(root, cache_dir_name(parsed, endpoint))
     # One lock per prefix and node: concurrent workers wait, then find everything already current.
-    os.makedirs(root, exist_ok=True)
-    with _file_lock(f"{local_dir}.lock"):
+    with cache.entry_lock(local_dir):
         with translate(parsed, "listing", endpoint):
             remote = {key: (size, etag) for key, size, etag in iter_remote(client, parsed)}
         if not remote:
             raise StorageError(f"{parsed}: no objects under this prefix at {endpoint_label(endpoint)}")
         start = len(key_prefix(parsed.key))
         remote = {key[start:]: value for key, value in remote.items()}
-        return _sync(client, parsed, endpoint, remote, local_dir, f"{local_dir}.manifest.json")
+        result = _sync(client, parsed, endpoint, remote, local_dir, f"{local_dir}.manifest.json")
+        cache.mark_used(local_dir, source=str(parsed))
+    if result.fetched:
+        cache.after_new_entry(local_dir, max_gb)
+    return result
 
 
 def _sync(client, uri, endpoint, remote: dict, local_dir: str, manifest_path: str) -> StageResult:
@@ -135,14 +143,3 @@ def _load_manifest(path: str) -> dict:
 def _write_manifest(path: str, uri: StorageURI, remote: dict) -> None:
     doc = {"uri": str(uri), "objects": {rel: [s, e] for rel, (s, e) in sorted(remote.items())}}
     atomic_write_local(path, json.dumps(doc, indent=0).encode())
-
-
-@contextlib.contextmanager
-def _file_lock(path: str) -> Iterator[None]:
-    """Exclusive fcntl lock; works across processes (Ray workers) and threads on one node."""
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
