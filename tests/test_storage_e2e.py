@@ -410,11 +410,14 @@ def second_server():
 
 
 @pytest.mark.slow
+@pytest.mark.serve
 def test_r2_training_with_explicit_endpoint_fine_tunes_from_legacy_pt(e2e, second_server, tmp_path, capfd):
     """r2:// data, checkpoints and a legacy init_checkpoint on a server named only by storage.endpoint_url.
 
     AWS_ENDPOINT_URL points at the module's other server, so the run succeeds only if the driver,
-    the controller and the workers all use the explicit endpoint.
+    the controller and the workers all use the explicit endpoint; then Serve replicas load the run's
+    best checkpoint from it too. Ray was started before any storage.configure(), so workers and
+    replicas can only get the endpoint through what raytimm forwards, as on a joined cluster.
     """
     import safetensors.torch
     import torch
@@ -454,6 +457,24 @@ def test_r2_training_with_explicit_endpoint_fine_tunes_from_legacy_pt(e2e, secon
     for key, value in state.items():
         if value.is_floating_point() and "running" not in key:  # BN running stats move in train mode
             assert torch.allclose(tuned[key], value, atol=1e-5), key
+
+    from raytimm import serve as rs  # the driver's storage setting reaches the replicas
+
+    url = rs.run_server(res.run_dir, host="127.0.0.1", port=free_port(), num_cpus=0.5, block=False,
+                        ready_timeout_s=240)
+    try:
+        image = next(Path(e2e.data_dir, "val").rglob("*.*"))
+        body = urllib.request.urlopen(urllib.request.Request(
+            f"{url}/model", headers={"Accept": "application/json"}), timeout=60).read()
+        assert json.loads(body)["checkpoint"] == res.best_checkpoint
+        import requests
+
+        with open(image, "rb") as fh:
+            answer = requests.post(f"{url}/predict", files={"file": (image.name, fh)}, timeout=120)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["predicted_class"] in sorted(p.name for p in Path(e2e.data_dir, "train").iterdir())
+    finally:
+        rs.shutdown_server(stop_ray=False)
     out = capfd.readouterr()
     _assert_no_canary(out.out + out.err, "r2 training output")
 
