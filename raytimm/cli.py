@@ -118,12 +118,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from raytimm.serve import run_server
+    from raytimm.serve.settings import given_flags, settings_from_cli
 
-    run_server(checkpoint=a.checkpoint, host=a.host, port=a.port, replicas=a.replicas,
-               max_batch_size=a.max_batch_size, batch_wait_ms=a.batch_wait_ms, allow=a.allow,
-               max_upload_mb=a.max_upload_mb, max_models=a.max_models, num_cpus=a.num_cpus,
-               num_gpus=a.num_gpus, model_name=a.model_name, num_classes=a.num_classes)
+    settings = settings_from_cli(a.config, given_flags(a))
+    from raytimm.serve.server import run_server
+
+    run_server(settings)
     return 0
 
 
@@ -286,21 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description=textwrap.dedent("""\
                            Start Ray Serve with the checkpoint and block until Ctrl-C. Prints the URL when
                            /healthz answers. Endpoints: POST /predict, POST /inference/quick, GET /healthz,
-                           GET /model. Set RAYTIMM_API_TOKEN to require `Authorization: Bearer <token>`."""))
-    s.add_argument("--checkpoint", required=True, help="checkpoint URI (folder, run/tune folder, legacy .pt)")
-    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    s.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
-    s.add_argument("--max-batch-size", type=int, default=16, help="largest batch per model call (default 16)")
-    s.add_argument("--batch-wait-ms", type=float, default=10.0, help="wait to fill a batch (default 10 ms)")
-    s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20 MiB)")
-    s.add_argument("--max-models", type=int, default=4, help="checkpoints cached per replica for /inference/quick")
-    s.add_argument("--allow", action="append", default=[], metavar="PREFIX",
-                   help="storage prefix /inference/quick may load from (repeatable; default: the checkpoint's root)")
-    s.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
-    s.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica, fractions allowed (default 0)")
-    s.add_argument("--model-name", help="timm model name (legacy .pt checkpoints only)")
-    s.add_argument("--num-classes", type=int, help="number of classes (legacy .pt checkpoints only)")
+                           GET /model. Set RAYTIMM_API_TOKEN to require `Authorization: Bearer <token>`.
+                           Settings come from the --config file's serve: section (the keys `raytimm
+                           config-keys` lists as serve.*); a flag given here overrides it."""))
+    s.add_argument("--config", help="raytimm config YAML whose serve: section sets the defaults (flags override it)")
+    from raytimm.serve.settings import add_arguments  # one flag per serve setting, docs and defaults included
+    add_arguments(s)
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("cache", help="list or prune this machine's cache of staged datasets and DICE conversions",

@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from raytimm.errors import ConfigError
+from raytimm.serve.settings import ServeSettings, section_docs, validate_section
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
@@ -36,7 +37,7 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
 
 
 @dataclass
-class DataConfig:
+class DataSection:
     path: str = _f("", "Dataset root: an ImageFolder (train/ and optional val/) or a DICE export; local, s3:// or r2://.")
     format: Literal["imagefolder", "dice"] = _f("imagefolder", "Dataset layout: imagefolder or dice (converted to a cached ImageFolder).")
     split_ratio: float = _f(0.8, "Train fraction when the dataset has no val/ folder (stratified, deterministic split).")
@@ -68,7 +69,7 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelSection:
     name: str = _f("resnet18", "timm model name, e.g. resnet50, efficientnet_b0, vit_small_patch16_224.")
     pretrained: bool = _f(False, "Start from pretrained weights (pretrained_file, $RAYTIMM_WEIGHTS_DIR, then the hub).")
     pretrained_file: Optional[str] = _f(None, "Pretrained weights file (path or s3:// / r2:// URI); the head is adapted.")
@@ -89,7 +90,7 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainSection:
     epochs: int = _f(10, "Number of epochs.")
     batch_size: int = _f(32, "Batch size per worker.")
     eval_batch_size: Optional[int] = _f(None, "Validation batch size per worker; default 2x batch_size.")
@@ -142,7 +143,7 @@ class TrainConfig:
 
 
 @dataclass
-class ScalingConfig:
+class ScalingSection:
     num_workers: int = _f(1, "Number of Ray Train workers (one DDP rank each).")
     use_gpu: Optional[bool] = _f(None, "Use one GPU per worker; default: auto (true when the cluster has GPUs).")
     cpus_per_worker: Optional[float] = _f(None, "CPUs reserved per worker; default 1.")
@@ -159,14 +160,14 @@ class ScalingConfig:
 
 
 @dataclass
-class StorageConfig:
+class StorageSection:
     path: str = _f("./runs", "Where runs and checkpoints go: a local folder, s3://bucket/prefix or r2://bucket/prefix.")
     endpoint_url: Optional[str] = _f(None, "S3 endpoint override (else AWS_ENDPOINT_URL, or R2's from R2_ACCOUNT_ID).")
     region: Optional[str] = _f(None, "Bucket region; r2:// always uses 'auto'.")
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointSection:
     metric: str = _f("val/top1", "Metric that ranks checkpoints and picks `best`.")
     mode: Literal["max", "min"] = _f("max", "Whether a larger or smaller metric is better.")
     num_to_keep: int = _f(2, "Best checkpoints kept by Ray Train (the latest is always kept too).")
@@ -177,7 +178,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class MlflowConfig:
+class MlflowSection:
     enabled: bool = _f(True, "Track the run in MLflow.")
     tracking_uri: Optional[str] = _f(None, "Tracking server URI; default $MLFLOW_TRACKING_URI, else a sqlite store next to the runs.")
     experiment: str = _f("raytimm", "MLflow experiment name.")
@@ -188,7 +189,7 @@ class MlflowConfig:
 
 
 @dataclass
-class RunConfig:
+class RunSection:
     name: Optional[str] = _f(None, "Run name (folder under storage.path); default <model>-<timestamp>. Same name resumes.")
     max_failures: int = _f(2, "Worker failures tolerated; training restarts from the latest checkpoint.")
 
@@ -200,7 +201,7 @@ class RunConfig:
 
 
 @dataclass
-class TuneConfig:
+class TuneSection:
     name: Optional[str] = _f(None, "Sweep name (folder under storage.path); default tune-<model>-<config hash>, so the same config resumes.")
     num_samples: int = _f(4, "Samples drawn per grid point.")
     scheduler: Literal["asha", "fifo"] = _f("asha", "Trial scheduler: asha (early stopping) or fifo.")
@@ -226,53 +227,30 @@ class TuneConfig:
             raise ConfigError(f"{p}.search_space must be a mapping of dotted keys to distributions")
 
 
-@dataclass
-class ServeConfig:
-    host: str = _f("127.0.0.1", "Address the HTTP proxy binds; 0.0.0.0 exposes it to the network.")
-    port: int = _f(8000, "HTTP port.")
-    replicas: int = _f(1, "Model replicas.")
-    max_batch_size: int = _f(16, "Largest batch a replica runs at once.")
-    batch_wait_ms: float = _f(10.0, "How long a replica waits to fill a batch.")
-    max_upload_mb: float = _f(20.0, "Largest request body in MiB (413 above).")
-    max_pixels: int = _f(40_000_000, "Largest image in pixels (413 above).")
-    allow: list[str] = _f([], "Storage prefixes that /inference/quick may load checkpoints from.")
-    max_models: int = _f(4, "Checkpoints cached per replica for /inference/quick (LRU).")
-    num_cpus: float = _f(1.0, "CPUs per replica.")
-    num_gpus: float = _f(0.0, "GPUs per replica (a fraction shares a GPU).")
-
-    def validate(self, p: str) -> None:
-        _check(1 <= self.port <= 65535, f"{p}.port", self.port, "1..65535")
-        _check(self.replicas >= 1, f"{p}.replicas", self.replicas, ">= 1")
-        _check(self.max_batch_size >= 1, f"{p}.max_batch_size", self.max_batch_size, ">= 1")
-        _check(self.batch_wait_ms >= 0, f"{p}.batch_wait_ms", self.batch_wait_ms, ">= 0")
-        _check(self.max_upload_mb > 0, f"{p}.max_upload_mb", self.max_upload_mb, "> 0")
-        _check(self.max_pixels > 0, f"{p}.max_pixels", self.max_pixels, "> 0")
-        _check(self.max_models >= 1, f"{p}.max_models", self.max_models, ">= 1")
-        _check(self.num_cpus >= 0, f"{p}.num_cpus", self.num_cpus, ">= 0")
-        _check(self.num_gpus >= 0, f"{p}.num_gpus", self.num_gpus, ">= 0")
-
-
 METRIC_NAMES = ("val/top1", "val/top5", "val/loss", "train/loss", "train/top1")
 
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    mlflow: MlflowSection = field(default_factory=MlflowSection)
+    run: RunSection = field(default_factory=RunSection)
+    tune: TuneSection = field(default_factory=TuneSection)
+    # The serve section is Serve's own typed settings (pydantic; raytimm/serve/settings.py), so a config
+    # file, `raytimm serve` flags and `serve run`/`serve deploy` args share one set of keys and defaults.
+    serve: ServeSettings = field(default_factory=ServeSettings)
 
     def validate(self) -> "Config":
         """Check every section; raises ConfigError naming the first bad key."""
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
-            if hasattr(section, "validate"):
+            # A pydantic section (serve) was validated when it was built; BaseModel.validate is not ours.
+            if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
                 section.validate(f.name)
         if self.checkpoint.metric.endswith("loss") and self.checkpoint.mode == "max":
             raise ConfigError(f"checkpoint.mode='max' with checkpoint.metric={self.checkpoint.metric!r}: a loss should use mode 'min'")
@@ -379,22 +357,25 @@ def _closest(key: str, candidates: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _section_docs(section: Any) -> dict[str, str]:
+    """Field name -> one-line doc of a section class (a dataclass, or a pydantic model such as ServeSettings)."""
+    if dataclasses.is_dataclass(section):
+        return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(section)}
+    return section_docs(section)
+
+
+def _section_types() -> dict[str, type]:
+    return {sec.name: sec.default_factory for sec in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
 def valid_keys() -> list[str]:
     """All dotted keys (``section.field``) a config accepts."""
-    out = []
-    for sec in dataclasses.fields(Config):
-        for f in dataclasses.fields(sec.default_factory()):  # type: ignore[misc]
-            out.append(f"{sec.name}.{f.name}")
-    return out
+    return list(field_docs())
 
 
 def field_docs() -> dict[str, str]:
     """Dotted key -> one-line doc, for --help and the README."""
-    out = {}
-    for sec in dataclasses.fields(Config):
-        for f in dataclasses.fields(sec.default_factory()):  # type: ignore[misc]
-            out[f"{sec.name}.{f.name}"] = f.metadata.get("doc", "")
-    return out
+    return {f"{sec}.{name}": doc for sec, cls in _section_types().items() for name, doc in _section_docs(cls).items()}
 
 
 def config_from_dict(d: dict | None, *, source: str = "config") -> Config:
@@ -411,6 +392,10 @@ def config_from_dict(d: dict | None, *, source: str = "config") -> Config:
             continue
         if not isinstance(sec_val, dict):
             raise ConfigError(f"{source}: section {sec_name!r} must be a mapping, got {sec_val!r}")
+        section_type = _section_types()[sec_name]
+        if not dataclasses.is_dataclass(section_type):
+            setattr(cfg, sec_name, validate_section(sec_val, section_type, sec_name, source=source))
+            continue
         for k, v in sec_val.items():
             _set(cfg, f"{sec_name}.{k}", v, source=source)
     return cfg.validate()
@@ -485,8 +470,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
 
 
 def config_to_dict(cfg: Config) -> dict:
-    """Nested plain dict (JSON/YAML-able)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    """Nested plain dict (JSON/YAML-able); environment-only values (the API token) are left out."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        out[f.name] = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section.model_dump(mode="json")
+    return json.loads(json.dumps(out))
 
 
 def flatten_config(cfg: Config) -> dict[str, Any]:
