@@ -121,6 +121,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from raytimm.serve.settings import given_flags, settings_from_cli
 
     settings = settings_from_cli(a.config, given_flags(a))
+    if a.config:  # the file's storage section names the endpoint checkpoints are read from, here and in replicas
+        from raytimm import storage
+        from raytimm.config import load_config
+
+        section = load_config(a.config).storage
+        storage.configure(endpoint_url=section.endpoint_url, region=section.region)
     from raytimm.serve.server import run_server
 
     run_server(settings)

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -458,23 +459,37 @@ def test_r2_training_with_explicit_endpoint_fine_tunes_from_legacy_pt(e2e, secon
         if value.is_floating_point() and "running" not in key:  # BN running stats move in train mode
             assert torch.allclose(tuned[key], value, atol=1e-5), key
 
-    from raytimm import serve as rs  # the driver's storage setting reaches the replicas
+    # `raytimm serve --config` with the run's storage section, joined to the module's Ray: the replicas
+    # read the checkpoint from the endpoint only that section names.
+    storage.configure()
+    port = free_port()
+    serve_cfg = tmp_path / "serve.yaml"
+    serve_cfg.write_text(f"storage:\n  endpoint_url: {ep}\nserve:\n  checkpoint: {res.run_dir}\n"
+                         f"  port: {port}\n  num_cpus: 0.5\n")
+    import ray
+    import requests
 
-    url = rs.run_server(res.run_dir, host="127.0.0.1", port=free_port(), num_cpus=0.5, block=False,
-                        ready_timeout_s=240)
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    proc = subprocess.Popen([*RAYTIMM, "serve", "--config", str(serve_cfg)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    served = []
     try:
+        for line in proc.stdout:  # "raytimm serving <checkpoint> at <url> ..." once /healthz answers
+            served.append(line)
+            if line.startswith("raytimm serving"):
+                break
+        assert served and served[-1].startswith(f"raytimm serving {res.run_dir} at "), "".join(served)[-3000:]
+        url = f"http://127.0.0.1:{port}"
+        assert requests.get(f"{url}/model", timeout=60).json()["checkpoint"] == res.best_checkpoint
         image = next(Path(e2e.data_dir, "val").rglob("*.*"))
-        body = urllib.request.urlopen(urllib.request.Request(
-            f"{url}/model", headers={"Accept": "application/json"}), timeout=60).read()
-        assert json.loads(body)["checkpoint"] == res.best_checkpoint
-        import requests
-
         with open(image, "rb") as fh:
             answer = requests.post(f"{url}/predict", files={"file": (image.name, fh)}, timeout=120)
         assert answer.status_code == 200, answer.text
         assert answer.json()["predicted_class"] in sorted(p.name for p in Path(e2e.data_dir, "train").iterdir())
     finally:
-        rs.shutdown_server(stop_ray=False)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    _assert_no_canary("".join(served) + rest, "`raytimm serve` output")
     out = capfd.readouterr()
     _assert_no_canary(out.out + out.err, "r2 training output")
 
