@@ -6,6 +6,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from typing import Optional
+
 from ray import serve
 
 from raytimm.errors import RaytimmError
@@ -31,8 +33,11 @@ def wait_healthy(url: str, timeout_s: float = 300.0) -> None:
     raise RaytimmError(f"{url}/healthz did not become ready within {timeout_s:.0f}s (last: {last})")
 
 
-def start_serve(host: str, port: int) -> bool:
-    """ray.init (local, or the cluster at RAY_ADDRESS) and serve.start on host:port; True if we started Ray."""
+def start_serve(host: str, port: int, metrics_export_port: Optional[int] = None) -> bool:
+    """ray.init (local, or the cluster at RAY_ADDRESS) and serve.start on host:port; True if we started Ray.
+
+    ``metrics_export_port`` is the local Ray's Prometheus port; a cluster keeps its own.
+    """
     import ray
 
     from raytimm.logs import quiet_third_party
@@ -40,9 +45,13 @@ def start_serve(host: str, port: int) -> bool:
     started = False
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
+            if metrics_export_port:
+                log.warning("--metrics-export-port %d ignored: joining the cluster at RAY_ADDRESS, whose own "
+                            "metrics export port serves raytimm's metrics", metrics_export_port)
             ray.init(address="auto", logging_level=logging.WARNING, log_to_driver=False)
         else:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+            ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+                     _metrics_export_port=metrics_export_port)
             started = True
     serve.start(http_options={"host": host, "port": int(port)}, logging_config=QUIET_LOGGING)
     return started
@@ -58,7 +67,7 @@ def run_server(settings: ServeSettings, *, block: bool = True, ready_timeout_s: 
     from raytimm import checkpoint as ckpt
     ckpt.resolve_checkpoint(args.checkpoint)  # before starting Ray: a typo fails in a second, not a minute
     host, port = settings.host, settings.port
-    started = start_serve(host, port)
+    started = start_serve(host, port, settings.metrics_export_port)
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown_host}:{port}"
     try:
