@@ -19,7 +19,6 @@ Nothing here imports onnx, onnxscript or onnxruntime at module level: they are t
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -53,6 +52,7 @@ EXAMPLE_BATCH = 2  # traced with 2 and probed with PROBE_BATCH, so the probe als
 PROBE_BATCH = 4
 MAX_CHECK_IMAGES = 64
 CACHE_VERSION = 1  # part of the node cache key: bump when the export folder's contents change meaning
+CACHE_KIND = "onnx"  # <cache>/onnx/<key>/, a raytimm.cache kind
 INSTALL_HINT = "pip install raytimm[onnx]"
 
 
@@ -175,8 +175,8 @@ class Parity:
         return self.max_abs_diff <= self.tolerance
 
     def describe(self) -> str:
-        return (f"{self.probe} ({self.count}): max |Δ logit| {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g}), "
-                f"top-1 agreement {self.top1_agree}/{self.count}")
+        return (f"{self.probe} ({self.count}): max |Δ logit| {self.max_abs_diff:.3g} "
+                f"(tolerance {self.tolerance:.3g}), top-1 agreement {self.top1_agree}/{self.count}")
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "passed": self.passed}
@@ -277,7 +277,8 @@ def export_predictor(predictor, folder: str, *, opset: int = DEFAULT_OPSET, img_
     if predictor.backend != "torch" or predictor.device.type != "cpu":
         raise ExportError("export needs the PyTorch model on CPU in float32 (Predictor with backend torch, device cpu)")
     if int(opset) < MIN_OPSET:
-        raise ConfigError(f"--opset {opset}: torch's ONNX exporter needs {MIN_OPSET} or newer (default {DEFAULT_OPSET})")
+        raise ConfigError(f"--opset {opset}: torch's ONNX exporter needs {MIN_OPSET} or newer "
+                          f"(default {DEFAULT_OPSET})")
     from raytimm.data.transforms import build_eval_transform, check_data_config
 
     model = predictor.model
@@ -384,46 +385,32 @@ def content_key(resolved: ckpt.ResolvedCheckpoint, *, model_name: str | None = N
     return digest.hexdigest()[:32]
 
 
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive flock: two replicas on one node export a checkpoint once; released if the process dies."""
-    with open(path, "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        yield
-
-
-def cache_root(cache_dir: str | None) -> Path:
-    """The node cache: cache_dir, else $RAYTIMM_CACHE_DIR, else ~/.cache/raytimm."""
-    from raytimm.envvars import CACHE_DIR_ENV
-    from raytimm.model import DEFAULT_CACHE_DIR
-
-    return Path(cache_dir or os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR).expanduser()
-
-
 def cached_export(resolved: ckpt.ResolvedCheckpoint, *, cache_dir: str | None = None, model_name: str | None = None,
                   num_classes: int | None = None) -> Path:
-    """`<cache>/onnx/<content key>/`: the checkpoint's export, made (and parity-checked) once per node."""
+    """`<cache>/onnx/<content key>/`: the checkpoint's export, made (and parity-checked) once per node.
+
+    A raytimm.cache entry (kind onnx, listed and evicted by `raytimm cache`): made under the entry's lock,
+    so two replicas export once, and marked used; the caller releases it once ONNX Runtime has read it.
+    """
+    from raytimm import cache
     from raytimm.predict import Predictor
 
-    root = cache_root(cache_dir) / "onnx"
-    root.mkdir(parents=True, exist_ok=True)
+    root = Path(cache.cache_root(cache_dir)) / CACHE_KIND
     final = root / content_key(resolved, model_name=model_name, num_classes=num_classes)
-    if (final / ckpt.META_FILE).is_file():
-        return final
-    with _file_lock(root / f"{final.name}.lock"):
-        if (final / ckpt.META_FILE).is_file():  # another replica made it while we waited
-            return final
-        tmp = tempfile.mkdtemp(prefix=f".{final.name}.", dir=root)
-        try:
-            start = time.perf_counter()
-            predictor = Predictor.from_checkpoint(resolved.uri, model_name=model_name, num_classes=num_classes,
-                                                  device="cpu")
-            result = export_predictor(predictor, tmp)
-            os.replace(tmp, final)  # the folder appears complete or not at all
-            log.info("exported %s to ONNX in %.1f s (cached at %s); %s", resolved.uri,
-                     time.perf_counter() - start, final, "; ".join(p.describe() for p in result.parity))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with cache.entry_lock(final):
+        if not (final / ckpt.META_FILE).is_file():  # else another replica made it, maybe while we waited
+            tmp = tempfile.mkdtemp(prefix=f".{final.name}.", dir=root)  # dot names are not cache entries
+            try:
+                start = time.perf_counter()
+                predictor = Predictor.from_checkpoint(resolved.uri, model_name=model_name, num_classes=num_classes,
+                                                      device="cpu")
+                result = export_predictor(predictor, tmp)
+                os.replace(tmp, final)  # the folder appears complete or not at all
+                log.info("exported %s to ONNX in %.1f s (cached at %s); %s", resolved.uri,
+                         time.perf_counter() - start, final, "; ".join(p.describe() for p in result.parity))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        cache.mark_used(final, source=resolved.uri)
     return final
 
 
@@ -458,12 +445,17 @@ def load_onnx_predictor(resolved: ckpt.ResolvedCheckpoint, *, model_name: str | 
         check_legacy_args(resolved.uri, model_name, num_classes)
     folder = resolved.uri if resolved.kind == "onnx" else str(cached_export(
         resolved, cache_dir=cache_dir, model_name=model_name, num_classes=num_classes))
-    meta = ckpt.load_meta(folder)
-    _check_export_meta(meta, folder)
-    with _local_folder(folder) as local:
-        name = ckpt.join_uri(folder, ONNX_FILE)
-        runner = OnnxRunner(os.path.join(local, ONNX_FILE), name=name, num_threads=num_threads, device=device,
-                            providers=providers)
+    try:
+        meta = ckpt.load_meta(folder)
+        _check_export_meta(meta, folder)
+        with _local_folder(folder) as local:
+            name = ckpt.join_uri(folder, ONNX_FILE)
+            runner = OnnxRunner(os.path.join(local, ONNX_FILE), name=name, num_threads=num_threads, device=device,
+                                providers=providers)
+    finally:
+        if resolved.kind != "onnx":
+            from raytimm import cache
+            cache.release(folder)  # ONNX Runtime holds the model in memory now: the entry may be evicted
     n = int(meta["num_classes"])
     runner.check_shapes(meta["data_config"], n, name)
     names = list(class_names) if class_names else meta.get("class_names") or [str(i) for i in range(n)]

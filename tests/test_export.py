@@ -205,6 +205,11 @@ def test_onnx_backend_answers_like_torch_and_caches_by_content(trained, tmp_path
 
     (entry,) = [p for p in (cache / "onnx").iterdir() if p.is_dir()]
     stamp = (entry / "model.onnx").stat().st_mtime_ns
+    # A raytimm.cache entry: `raytimm cache ls` shows it, and it is not held once ONNX Runtime has read it.
+    from raytimm import cache as node_cache
+    (listed,) = node_cache.list_entries(str(cache))
+    assert (listed.kind, listed.path, listed.source) == ("onnx", str(entry), trained["checkpoint"])
+    assert not listed.in_use and listed.size >= (entry / "model.onnx").stat().st_size
     Predictor.from_checkpoint(trained["checkpoint"], backend="onnx", cache_dir=str(cache))
     assert [p for p in (cache / "onnx").iterdir() if p.is_dir()] == [entry]
     assert (entry / "model.onnx").stat().st_mtime_ns == stamp  # reused, not exported again
@@ -300,7 +305,8 @@ def test_without_the_onnx_extra_modules_import_and_one_line_names_it(trained, tm
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert results["evaluate"] == [2, "error: the onnx backend needs onnxruntime, which is not installed: "
                                       "pip install raytimm[onnx]\n"]
-    assert results["export"] == [2, "error: ONNX export needs onnx, which is not installed: pip install raytimm[onnx]\n"]
+    assert results["export"] == [2, "error: ONNX export needs onnx, which is not installed: "
+                                    "pip install raytimm[onnx]\n"]
 
 
 # ----------------------------------------------------------------------------- evaluate
