@@ -9,6 +9,8 @@ Layout (each entry is a folder with sidecar files beside it)::
     <cache>/datasets/<name>.manifest.json  storage's record of the staged objects (ETags)
     <cache>/dice/dice-<fingerprint>/     a DICE conversion (raytimm.data.dice.ensure_dice_converted)
     <cache>/dice/dice-<fingerprint>.lock
+    <cache>/onnx/<content key>/          a checkpoint's ONNX export (raytimm.export.cached_export)
+    <cache>/onnx/<content key>.lock
 
 **In use.** A process that stages or finds an entry takes a *shared* flock on the entry's folder
 (under the entry's ``.lock``) and keeps it until it exits: a Train worker for its run, ``raytimm
@@ -40,7 +42,7 @@ from typing import Iterator, Optional
 log = logging.getLogger("raytimm.cache")
 
 GB = 1000**3  # data.cache_max_gb counts decimal gigabytes, as disk vendors and `df -H` do
-KINDS = {"datasets": "dataset", "dice": "dice"}  # folder under the cache root -> kind `cache ls` shows
+KINDS = {"datasets": "dataset", "dice": "dice", "onnx": "onnx"}  # folder under the cache root -> kind `cache ls` shows
 LOCK_SUFFIX = ".lock"
 _EVICTED = ".evicted-"  # an entry renamed away for deletion; removed by any later prune
 

@@ -103,7 +103,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     out = evaluate_checkpoint(a.checkpoint, a.data, split=a.split, batch_size=a.batch_size,
                               predictions_csv=a.predictions, model_name=a.model_name,
-                              num_classes=a.num_classes)
+                              num_classes=a.num_classes, backend=a.backend)
     if a.predictions:
         from raytimm.plots import confusion_matrix_png
 
@@ -114,6 +114,16 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     for name, acc in out["per_class"].items():
         print(f"  {name:<24} {acc:6.2f}")
     _write_json(a.result_json, {k: out[k] for k in ("top1", "top5", "loss", "num_samples", "per_class")})
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from raytimm.export import export_checkpoint
+
+    result = export_checkpoint(a.checkpoint, output=a.output, opset=a.opset, img_size=a.img_size,
+                               check_images=a.check_images, model_name=a.model_name, num_classes=a.num_classes)
+    print(result.describe())
+    _write_json(a.result_json, result.to_dict())
     return 0
 
 
@@ -297,7 +307,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--result-json", help="write top1, top5, loss, num_samples, per_class here")
     s.add_argument("--model-name", help="timm model name (legacy .pt checkpoints only)")
     s.add_argument("--num-classes", type=int, help="number of classes (legacy .pt checkpoints only)")
+    s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="inference backend (default torch); onnx exports the checkpoint once into the node cache "
+                        "unless it is an export folder already (needs raytimm[onnx])")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("export", help="export a checkpoint to ONNX, checked against PyTorch", formatter_class=fmt,
+                       description=textwrap.dedent("""\
+                           Export a checkpoint (folder, run/tune folder, or legacy .pt; local, s3:// or r2://) to a
+                           folder holding model.onnx (batch axis dynamic) and meta.json (the checkpoint's, plus
+                           format, opset, source_checkpoint and the parity figures). PyTorch and ONNX Runtime run
+                           the same probe batch first; the export fails when their logits differ by more than
+                           1e-3 x max |logit| + 1e-6. Needs raytimm[onnx]."""))
+    s.add_argument("--checkpoint", required=True, help="checkpoint URI (a run folder means its best checkpoint)")
+    s.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
+    s.add_argument("--output", help="folder or bucket URI to write (default: <checkpoint folder>/onnx, "
+                                    "or <name>_onnx beside a legacy .pt)")
+    s.add_argument("--opset", type=int, help="ONNX opset, 18 or newer (default: raytimm.export.DEFAULT_OPSET, 20)")
+    s.add_argument("--img-size", type=int, help="export for this input size instead of the checkpoint's")
+    s.add_argument("--check-images", metavar="DIR",
+                   help="also compare on up to 64 real images of this folder, through the serving eval transform")
+    s.add_argument("--result-json", help="write the output, opset, size, export time and parity figures here")
+    s.add_argument("--model-name", help="timm model name (legacy .pt checkpoints only)")
+    s.add_argument("--num-classes", type=int, help="number of classes (legacy .pt checkpoints only)")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve", help="serve top-k predictions over HTTP with Ray Serve", formatter_class=fmt,
                        description=textwrap.dedent("""\

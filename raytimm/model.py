@@ -166,6 +166,9 @@ def load_init_checkpoint(model: nn.Module, uri: str) -> list[str]:
     from raytimm import checkpoint as ckpt
 
     resolved = ckpt.resolve_checkpoint(uri)
+    if resolved.kind == "onnx":
+        raise CheckpointError(f"model.init_checkpoint={uri!r} is an ONNX export, which has no trainable weights; "
+                              "give the checkpoint it was exported from (source_checkpoint in its meta.json)")
     if resolved.kind == "legacy_pt":
         state = ckpt.load_legacy_pt(resolved.uri)
     else:
