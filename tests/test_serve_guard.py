@@ -20,7 +20,7 @@ from raytimm.serve.pretrained import (SHIPPED_TARGETS, check_model_size, check_p
                                       param_count)
 from raytimm.serve.settings import ServeArgs
 from tests.helpers_net import free_port
-from tests.test_predict import CLASSES, MODEL, color_image, make_trained_checkpoint, png_bytes
+from tests.test_predict import MODEL, color_image, make_trained_checkpoint, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "guard-token-0123456789"
@@ -63,7 +63,8 @@ def test_allow_list_default_is_targets_plus_local_weights(tmp_path):
     assert is_allowed("convnext_xxlarge", [], str(tmp_path)) and not is_allowed("convnext_xxlarge", [], None)
     assert not is_allowed("vit_gigantic_patch14_clip_224", [], str(tmp_path))
     # An explicit list replaces the default; '*' allows every timm name (the size ceiling still applies).
-    assert not is_allowed("resnet50", ["resnet18"], str(tmp_path)) and is_allowed("resnet18.tv_in1k", ["resnet18"], None)
+    assert not is_allowed("resnet50", ["resnet18"], str(tmp_path))
+    assert is_allowed("resnet18.tv_in1k", ["resnet18"], None)
     assert is_allowed("vit_gigantic_patch14_clip_224", ["*"], None)
 
 
@@ -115,7 +116,7 @@ def test_fit_arithmetic_counts_replicas_and_ingress():
     msg = fit_error(ServeArgs(checkpoint="/x", replicas=2, ingress_num_cpus=0.5, ingress_replicas=2), two_cpus)
     assert msg and "3 CPUs" in msg  # 2 x 1 + 2 x 0.5
     msg = fit_error(ServeArgs(checkpoint="/x", num_cpus=0.5, num_gpus=1, replicas=2), {"CPU": 8, "GPU": 1})
-    assert msg and "--num-gpus 1" in msg and "2 GPUs" in msg and "CPU" not in msg.split("GPUs")[0].split("--replicas")[0]
+    assert msg and "--num-gpus 1" in msg and "2 GPUs" in msg and "CPUs" not in msg  # the CPUs fit
 
 
 def test_fit_with_autoscaling_uses_min_or_initial_and_warns_for_max():
@@ -149,7 +150,7 @@ def env(tmp_path_factory):
     from raytimm.serve.server import shutdown_server, wait_healthy
 
     root = tmp_path_factory.mktemp("guard")
-    make_trained_checkpoint(root / "runs" / "run1")
+    make_trained_checkpoint(root / "runs" / "run1", steps=1)  # what it predicts does not matter here
     weights = root / "weights"
     weights.mkdir()
     torch.manual_seed(3)
@@ -210,7 +211,7 @@ def test_giant_and_bogus_models_get_4xx_and_build_nothing(env):
     # Still serving, and the allowed model with local weights works.
     r = _quick(env, {"model_name": MODEL, "top_k": "1"})
     assert r.status_code == 200, r.text
-    assert env["s"].get(env["url"] + "/model", timeout=30).json()["class_names"] == CLASSES
+    assert r.json()["task_type"] == "image_classification" and len(r.json()["top_k_predictions"]) == 1
 
 
 @pytest.mark.serve
@@ -245,7 +246,7 @@ def test_openapi_is_behind_the_token_and_describes_the_forms(env):
 # ----------------------------------------------------------------------------- fuzzing (schemathesis)
 
 ROUTES = {("GET", "/healthz"), ("GET", "/model"), ("POST", "/predict"), ("POST", "/inference/quick")}
-FUZZ_EXAMPLES = 10  # per route and phase, with a fixed seed: the same cases every run
+FUZZ_EXAMPLES = 25  # per route and phase, with a fixed seed: the same cases every run
 FUZZ_CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conformance",
                "response_schema_conformance", "response_headers_conformance", "negative_data_rejection",
                "unsupported_method"]

@@ -17,7 +17,7 @@ import requests
 
 from tests.helpers_net import free_port
 from tests.helpers_ray import session_pids, stop_session
-from tests.test_predict import color_image, make_trained_checkpoint, png_bytes
+from tests.test_predict import CLASSES, color_image, make_trained_checkpoint, png_bytes
 
 pytestmark = [pytest.mark.serve, pytest.mark.ray, pytest.mark.e2e]
 
@@ -51,7 +51,7 @@ def _assert_session_gone(sid: int, timeout_s: float = 60.0) -> None:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
     run = tmp_path_factory.mktemp("lifecycle") / "runs" / "run1"
-    make_trained_checkpoint(run)
+    make_trained_checkpoint(run, steps=1)  # what it predicts does not matter here
     return str(run)
 
 
@@ -133,7 +133,8 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(checkpoint):
         client.join(180)
         assert "error" not in answer, answer
         assert answer["r"].status_code == 200, answer["r"].text
-        assert [x["predicted_class"] for x in answer["r"].json()["results"]] == ["red"] * 6
+        results = answer["r"].json()["results"]
+        assert len(results) == 6 and all(x["predicted_class"] in CLASSES for x in results)
         rc = proc.wait(timeout=180)
     finally:
         if proc.poll() is None:

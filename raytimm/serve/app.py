@@ -109,8 +109,7 @@ def build_app(args: ServeArgs):
     ingress = ingress.options(**_with_env(ingress_options(args), env),
                               user_config={"allow": allow, "max_upload_mb": args.max_upload_mb,
                                            "max_pixels": args.max_pixels, "allow_models": args.allow_models,
-                                           "max_model_params": args.max_model_params,
-                                           "allow_hub": args.allow_hub, "weights_dir": weights_dir})
+                                           "max_model_params": args.max_model_params})
     return ingress.bind(model, token)
 
 

@@ -21,15 +21,14 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import raytimm
-from raytimm.envvars import API_TOKEN_ENV, WEIGHTS_DIR_ENV
+from raytimm.envvars import API_TOKEN_ENV
 from raytimm.errors import RaytimmError
-from raytimm.serve.http import (MAX_FILES, HTTPError, check_pretrained_name, error_status, int_field, parse_top_k,
+from raytimm.serve.http import (MAX_FILES, HTTPError, check_name_syntax, error_status, int_field, parse_top_k,
                                 text_field)
 from raytimm.serve.model import multiplexed_id
 from raytimm.serve.openapi import (AUTH_ONLY, HEALTH_RESPONSES, MODEL_RESPONSES, PREDICT_FORM, PREDICT_RESPONSES,
                                    QUICK_FORM, QUICK_RESPONSES, with_security_scheme)
 from raytimm.serve.paths import check_checkpoint_path, check_resolved_path, normalize_prefix
-from raytimm.serve.pretrained import check_model_size, check_pretrained_request
 from raytimm.serve.settings import DEFAULTS, QUIET_LOGGING
 
 log = logging.getLogger("raytimm.serve")
@@ -96,22 +95,17 @@ class Ingress:
         self._max_pixels = DEFAULTS.max_pixels
         self._allow_models: list = []
         self._max_model_params = DEFAULTS.max_model_params
-        self._allow_hub = DEFAULTS.allow_hub
-        self._weights_dir: Optional[str] = os.environ.get(WEIGHTS_DIR_ENV)
         self._inflight = 0  # HTTP requests inside a route (drain waits for them)
         self._draining = False
 
     def reconfigure(self, config: dict) -> None:
-        """user_config: allow (prefixes), max_upload_mb, max_pixels, allow_models, max_model_params, allow_hub,
-        weights_dir."""
+        """user_config: allow (prefixes), max_upload_mb, max_pixels, allow_models, max_model_params."""
         config = dict(config or {})
         self._allow = [normalize_prefix(p) for p in config.get("allow") or []]
         self._max_upload = int(float(config.get("max_upload_mb", DEFAULTS.max_upload_mb)) * 1024 * 1024)
         self._max_pixels = int(config.get("max_pixels", DEFAULTS.max_pixels))
         self._allow_models = list(config.get("allow_models") or [])
         self._max_model_params = int(config.get("max_model_params", DEFAULTS.max_model_params))
-        self._allow_hub = bool(config.get("allow_hub", DEFAULTS.allow_hub))
-        self._weights_dir = config.get("weights_dir") or os.environ.get(WEIGHTS_DIR_ENV)
 
     async def drain(self, timeout_s: float) -> dict:
         """Refuse new requests (503) and wait up to timeout_s for those inside a route; called on shutdown."""
@@ -214,8 +208,7 @@ class Ingress:
             if not model_name or not num_classes:
                 raise HTTPError(422, f"legacy checkpoint {resolved.uri} needs the model_name and num_classes fields")
             # The architecture comes from the request: bounded like a pretrained one before it is built.
-            check_pretrained_name(model_name)
-            await asyncio.to_thread(check_model_size, model_name, self._max_model_params)
+            await self._check_model(model_name, pretrained=False)
             return multiplexed_id("legacy_pt", resolved.uri, model_name, num_classes)
         return multiplexed_id("folder", resolved.uri)
 
@@ -278,8 +271,14 @@ class Ingress:
         """404/422 before anything is built (see serve/pretrained.py); the multiplexed model id."""
         if not model_name:
             raise HTTPError(422, "model_name is required when checkpoint_path is not given")
-        # In a thread: the first look at a name may size it on the meta device (about a second for a large one).
-        await asyncio.to_thread(check_pretrained_request, model_name, allow_models=self._allow_models,
-                                max_params=self._max_model_params, weights_dir=self._weights_dir,
-                                allow_hub=self._allow_hub)
+        await self._check_model(model_name, pretrained=True)
         return multiplexed_id("pretrained", model_name=model_name)
+
+    async def _check_model(self, model_name: str, *, pretrained: bool) -> None:
+        """Garbage names here (no timm in the ingress); the rest by a model replica, which has timm loaded
+        and the weights folder the model would load from; nothing is built either way."""
+        check_name_syntax(model_name)
+        out = await self._model.check_model.remote(model_name, pretrained=pretrained, allow_models=self._allow_models,
+                                                   max_params=self._max_model_params)
+        if "error" in out:
+            raise HTTPError(out["error"]["status"], out["error"]["detail"])

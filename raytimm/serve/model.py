@@ -10,8 +10,8 @@ from typing import Optional
 from ray import serve
 
 from raytimm.envvars import WEIGHTS_DIR_ENV
-from raytimm.serve.http import HTTPError, error_payload, error_status
-from raytimm.serve.pretrained import available_weights
+from raytimm.serve.http import HTTPError, check_pretrained_name, error_payload, error_status
+from raytimm.serve.pretrained import available_weights, check_model_size, check_pretrained_request
 from raytimm.serve.settings import DEFAULTS, QUIET_LOGGING
 
 log = logging.getLogger("raytimm.serve")
@@ -122,6 +122,21 @@ class ModelServer:
         self._reload_error, self._loaded_at = None, time.time()
         log.warning("serving %s (%s, %d classes), loaded in %.1fs", new.source, new.model_name, new.num_classes,
                     time.monotonic() - start)
+
+    async def check_model(self, name: str, *, pretrained: bool, allow_models: list, max_params: int) -> dict:
+        """What a request may build, decided here (timm is loaded; the weights folder is this node's) without
+        building anything: {} when it may, else {"error": {status, detail}} (serve/pretrained.py)."""
+        try:
+            if pretrained:
+                await asyncio.to_thread(check_pretrained_request, name, allow_models=allow_models,
+                                        max_params=max_params, weights_dir=self._weights_dir,
+                                        allow_hub=self._allow_hub)
+            else:  # a legacy .pt's architecture, named by the request
+                check_pretrained_name(name)
+                await asyncio.to_thread(check_model_size, name, max_params)
+            return {}
+        except Exception as exc:  # noqa: BLE001 - answered as a status, like predict()
+            return error_payload(exc)
 
     def ready(self) -> bool:
         """True once a model is loaded."""

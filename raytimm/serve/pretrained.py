@@ -10,6 +10,10 @@ before anything is built or any weights file is read, in this order, cheapest fi
 3. weights available: that file, or the hub where ``--allow-hub`` is on       -> 404
 4. at most ``--max-model-params`` parameters, counted on the ``meta`` device
    (which allocates no memory) and cached per name                            -> 422
+
+The ingress checks only the name's syntax (it does not import timm or torch, ~850 MB resident);
+``ModelServer.check_model`` runs the rest in the model replica, which has both loaded already and the
+weights folder the model would be loaded from.
 """
 from __future__ import annotations
 

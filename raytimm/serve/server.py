@@ -66,7 +66,7 @@ def _init_ray() -> bool:
 
 
 def start_serve(host: str, port: int) -> bool:
-    """ray.init (a new local Ray, or the cluster at RAY_ADDRESS) and serve.start on host:port; True if we started Ray."""
+    """ray.init (a new local Ray, or RAY_ADDRESS's cluster) and serve.start on host:port; True if we started Ray."""
     import ray
 
     from raytimm.logs import quiet_third_party
