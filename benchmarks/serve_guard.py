@@ -5,8 +5,8 @@
 Starts `raytimm serve` (its own local Ray) on a small trained checkpoint with a weights folder holding
 the test model and a fake `convnext_xxlarge.safetensors` (allowed, but over --max-model-params; never
 read). Each round sends 8 concurrent requests (not allowed, too large, no weights, not timm names) and
-records each one's time to its 4xx. Round 1 is cold (the ingress imports timm and sizes the models it
-has not seen); later rounds are warm. Baseline in the same run: a 200 `/predict` of one image.
+records each one's time to its 4xx. Round 1 is cold (the model replica sizes the models it has not
+seen on the meta device); later rounds are warm. Baseline in the same run: a 200 `/predict` of one image.
 Resident memory (VmRSS) of the model replica and the ingress before and after.
 """
 from __future__ import annotations
@@ -109,7 +109,7 @@ def main() -> int:
         after = (rss_mib(model_pid), rss_mib(ing_pid))
         print(f"model replica VmRSS: {before[0]:.0f} -> {after[0]:.0f} MiB ({after[0] / before[0] - 1:+.1%})")
         print(f"ingress VmRSS:       {before[1]:.0f} -> {after[1]:.0f} MiB ({after[1] / before[1] - 1:+.1%}; "
-              f"the first pretrained request imports timm/torch there)")
+              f"no timm/torch there)")
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         try:
