@@ -168,7 +168,7 @@ def env(tmp_path_factory):
         wait_healthy(url, timeout_s=240)
         session = requests.Session()
         session.headers["Authorization"] = f"Bearer {TOKEN}"
-        yield {"url": url, "s": session, "weights": str(weights)}
+        yield {"url": url, "s": session, "weights": str(weights), "run": str(root / "runs" / "run1")}
     finally:
         os.environ.pop(API_TOKEN_ENV, None)
         shutdown_server(stop_ray=True)
@@ -224,6 +224,35 @@ def test_legacy_model_name_is_bounded_too(env, tmp_path):
     assert "--max-model-params" in _error(r, 422)
     r = _quick(env, {"checkpoint_path": str(legacy), "model_name": "resnet18;rm -rf /", "num_classes": "3"})
     assert "not a timm model" in _error(r, 422)
+
+
+@pytest.mark.serve
+@pytest.mark.ray
+def test_healthz_answers_503_while_the_model_replica_cannot_be_placed(env):
+    """A second app whose model replica can never be placed (64 CPUs): /healthz says so instead of hanging."""
+    import time
+
+    from ray import serve
+
+    from raytimm.serve.app import build_app
+
+    args = ServeArgs(checkpoint=env["run"], num_cpus=64, ingress_num_cpus=0.1)
+    serve._run(build_app(args), name="pending", route_prefix="/pending", _blocking=False)  # never RUNNING
+    try:
+        deadline, r = time.monotonic() + 180, None
+        while time.monotonic() < deadline:
+            try:  # 404 until the route exists; the proxy holds requests while the ingress itself starts
+                r = requests.get(env["url"] + "/pending/healthz", timeout=30)
+                if r.status_code == 503:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        assert r is not None and r.status_code == 503, r and r.text
+        assert r.json()["status"] == "loading" and "no model replica answered within" in r.json()["detail"]
+        assert requests.get(env["url"] + "/healthz", timeout=30).status_code == 200  # the main app is unaffected
+    finally:
+        serve.delete("pending")
 
 
 @pytest.mark.serve
