@@ -48,6 +48,17 @@ def _assert_session_gone(sid: int, timeout_s: float = 60.0) -> None:
     assert not left, f"processes of the server's session left behind: {left}"
 
 
+def _session_runs(sid: int, title: str) -> bool:
+    """Whether a process of the session has ``title`` in its command line (Ray sets actors' process titles)."""
+    for pid in session_pids(sid):
+        try:
+            if title in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
     run = tmp_path_factory.mktemp("lifecycle") / "runs" / "run1"
@@ -142,6 +153,32 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(checkpoint):
     time.sleep(1)  # the reader thread drains what is left in the pipe
     err = "".join(stderr_lines)
     assert rc == 0, (rc, "".join(stdout_lines), err)
+    for marker in NATIVE_DUMP:
+        assert marker not in err, err[-3000:]
+    _assert_session_gone(proc.pid)
+
+
+def test_sigterm_while_starting_exits_0_without_a_stack_dump(checkpoint):
+    """Where the issue saw Ray's native "SIGTERM received ... logging.cc" dump: SIGTERM once Ray is up (Serve's
+    controller runs), before the app serves; Ray's core worker had replaced the driver's SIGTERM handler."""
+    proc = _serve(checkpoint, free_port(), "--num-cpus", "0.5")
+    lines: list = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 300
+        while not _session_runs(proc.pid, "ServeController") and proc.poll() is None:  # ray.init has returned
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=180)
+        out = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            stop_session(proc.pid)
+    time.sleep(1)
+    err = "".join(lines)
+    assert rc == 0, (rc, out, err)
+    assert "shutting down" in out, out
     for marker in NATIVE_DUMP:
         assert marker not in err, err[-3000:]
     _assert_session_gone(proc.pid)

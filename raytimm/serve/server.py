@@ -37,8 +37,14 @@ class _ShutdownRequested(BaseException):
     """Raised in the main thread by SIGTERM (as KeyboardInterrupt is by Ctrl-C); not an error: exit 0."""
 
 
+# Set by SIGTERM. The exception the handler raises can surface as something else: raised while C code
+# (Ray's Cython, pydantic) runs, Python reports it as a SystemError "returned a result with an exception set".
+_TERMINATING = threading.Event()
+
+
 def _on_sigterm(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one shutdown; a second SIGTERM must not cut the drain
+    _TERMINATING.set()
     raise _ShutdownRequested()
 
 
@@ -58,8 +64,18 @@ def _init_ray() -> bool:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address="auto", logging_level=logging.WARNING, log_to_driver=False)
             return False
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        try:
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        except BaseException:
+            ray.shutdown()  # a half-started local Ray (SIGTERM or an error while it starts) leaves no processes
+            raise
         return True
+    except SystemExit as exc:
+        # ray.init's own SIGTERM handler (set while it connects) exits with the signal number.
+        if exc.code == signal.SIGTERM and handler is _on_sigterm:
+            _TERMINATING.set()
+            raise _ShutdownRequested() from None
+        raise
     finally:
         if threading.current_thread() is threading.main_thread() and handler is not None:
             signal.signal(signal.SIGTERM, handler)
@@ -103,6 +119,7 @@ def run_server(settings: ServeSettings, *, block: bool = True, ready_timeout_s: 
     host, port = settings.host, settings.port
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     main_thread = threading.current_thread() is threading.main_thread()
+    _TERMINATING.clear()
     # From here on SIGTERM unwinds like Ctrl-C (start_serve keeps it so across ray.init).
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     started = False
@@ -123,11 +140,11 @@ def run_server(settings: ServeSettings, *, block: bool = True, ready_timeout_s: 
             finally:
                 print(f"shutting down: finishing requests in flight (up to {args.drain_timeout_s:g}s)", flush=True)
                 drain_ingress(args.drain_timeout_s, args.ingress_replicas)
-        except _ShutdownRequested:  # during start-up: nothing was served yet
-            print("shutting down (SIGTERM)", flush=True)
         except BaseException:
-            shutdown_server(stop_ray=started)
-            raise
+            if not _TERMINATING.is_set():
+                shutdown_server(stop_ray=started)
+                raise
+            print("shutting down (SIGTERM)", flush=True)  # during start-up, or the drain: not an error
         shutdown_server(stop_ray=started)
     finally:
         if main_thread:
