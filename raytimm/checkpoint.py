@@ -8,7 +8,8 @@ A checkpoint is a folder::
     train_state.pt      optimizer/scheduler/scaler/EMA/RNG state, for resuming only
 
 A run or tune folder holds a small JSON ``best`` (and ``latest``) pointer file naming a checkpoint,
-written only once that checkpoint is complete. Every path here may be local, ``file://``,
+written only once that checkpoint is complete. This module owns the pointer's format; when a
+pointer moves, and which checkpoint is best, is the run folder's policy (``runs.py``). Every path here may be local, ``file://``,
 ``s3://`` or ``r2://``; remote access goes through :mod:`raytimm.storage`.
 
 Serving never unpickles: ``meta.json`` is JSON, ``model.safetensors`` is safetensors, and the two
@@ -99,7 +100,7 @@ def _read_bytes(uri: str) -> bytes:
     path = _local_path(uri)
     if not path.is_file():
         raise CheckpointNotFound(f"checkpoint file not found: {path}")
-    return path.read_bytes()
+    return storage.read_bytes(str(path))  # an unreadable file is a StorageError naming it, not "missing"
 
 
 class _LocalCopy:
@@ -378,6 +379,8 @@ def read_pointer_info(run_dir_uri: str, name: str = BEST_POINTER) -> dict | None
     try:
         info = json.loads(raw)
     except json.JSONDecodeError:
+        if not raw or any(ord(c) < 32 or c == "\ufffd" for c in raw):
+            raise CheckpointError(f"pointer {pointer_uri} is corrupt: neither JSON nor a checkpoint path") from None
         info = {"checkpoint": raw}  # a plain-text pointer holding just the path
     if not isinstance(info, dict) or not isinstance(info.get("checkpoint"), str) or not info["checkpoint"]:
         raise CheckpointError(f"pointer {pointer_uri} does not name a checkpoint")
@@ -394,11 +397,6 @@ def read_pointer(run_dir_uri: str, name: str = BEST_POINTER) -> str | None:
     """The checkpoint URI a `best`/`latest` pointer names (absolute), or None."""
     info = read_pointer_info(run_dir_uri, name)
     return info["checkpoint"] if info else None
-
-
-def read_best_pointer(run_dir_uri: str) -> str | None:
-    """Shorthand for ``read_pointer(run_dir_uri, "best")``."""
-    return read_pointer(run_dir_uri, BEST_POINTER)
 
 
 # ----------------------------------------------------------------------------- resolve

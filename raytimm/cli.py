@@ -12,7 +12,7 @@ import os
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 from raytimm import __version__
 from raytimm.errors import RaytimmError
@@ -124,6 +124,17 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from raytimm.serve.server import run_server
 
     run_server(settings)
+    return 0
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from raytimm.runs import format_progress, progress_uri, read_progress
+
+    progress = read_progress(a.run_dir)
+    if progress is None:
+        raise RaytimmError(f"{progress_uri(a.run_dir)} does not exist: not a run folder, or its run has not "
+                           f"started yet (give <storage.path>/<run.name>)")
+    print(json.dumps(progress, indent=2, ensure_ascii=False) if a.json else format_progress(progress))
     return 0
 
 
@@ -240,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     from raytimm.serve.settings import add_arguments  # one flag per serve setting, docs and defaults included
     add_arguments(s)
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("status", help="where a run stands: its progress.json, local or in a bucket",
+                       formatter_class=fmt, description=textwrap.dedent("""\
+                           Print a run's state, epoch, latest and best metrics from <run folder>/progress.json,
+                           which every run rewrites after each epoch (also runs started by `ray job submit`)."""))
+    s.add_argument("run_dir", metavar="RUN_DIR|URI", help="run folder: <storage.path>/<run.name>, local, s3:// or r2://")
+    s.add_argument("--json", action="store_true", help="print progress.json as it is")
+    s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("config-keys", help="list every config key with its default and meaning")
     s.set_defaults(func=cmd_config_keys)

@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from raytimm.errors import ConfigError
+from raytimm.metrics import RANKING_METRICS as METRIC_NAMES  # torch-free import (see metrics.py)
 from raytimm.serve.settings import ServeSettings, section_docs, validate_section
 
 
@@ -223,7 +224,6 @@ class TuneSection:
             raise ConfigError(f"{p}.search_space must be a mapping of dotted keys to distributions")
 
 
-METRIC_NAMES = ("val/top1", "val/top5", "val/loss", "train/loss", "train/top1")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Model construction: timm models with a fresh head, pretrained weights from file/dir/hub, fine-tuning.
 
-Pretrained weights resolve in this order (DESIGN.md):
+Pretrained weights resolve in this order (README "Train", docs/internals.md "model.py"):
 
 1. ``model.pretrained_file`` — a local path or an ``s3://``/``r2://`` URI (downloaded to a cache);
 2. ``$RAYTIMM_WEIGHTS_DIR/<model name>.safetensors``;
@@ -210,8 +210,3 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def param_count(model: nn.Module) -> int:
-    """Number of parameters of the (unwrapped) model."""
-    return sum(p.numel() for p in unwrap_model(model).parameters())

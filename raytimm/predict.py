@@ -241,7 +241,7 @@ def _stage_data(data_uri: str, cache_dir: str | None) -> str:
     """Local folder for a dataset path or bucket URI: staged like training does, into ``<cache>/datasets``,
     so evaluating on the node that trained reuses the copy."""
     from raytimm import storage
-    from raytimm.engine import stage_dataset
+    from raytimm.data.loaders import stage_dataset
     from raytimm.model import DEFAULT_CACHE_DIR
 
     cache = cache_dir or os.environ.get("RAYTIMM_CACHE_DIR") or DEFAULT_CACHE_DIR
@@ -289,7 +289,7 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, *, split: str = "val
         pred.class_names = classes  # a legacy .pt has no names: take the dataset's
     _check_classes(classes, pred, str(data_uri))
 
-    from raytimm.engine import ClassificationSums, per_class_accuracy  # the same counting as training validation
+    from raytimm.metrics import ClassificationSums, per_class_accuracy  # the same counting as training validation
 
     sums = ClassificationSums(pred.num_classes, torch.device("cpu"))
     rows, skipped = [], []

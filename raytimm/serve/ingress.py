@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,6 +26,7 @@ from raytimm.envvars import API_TOKEN_ENV
 from raytimm.errors import RaytimmError
 from raytimm.serve.http import (MAX_FILES, HTTPError, check_name_syntax, error_status, int_field, parse_top_k,
                                 text_field)
+from raytimm.serve.metrics import RequestMetricsMiddleware
 from raytimm.serve.model import multiplexed_id
 from raytimm.serve.openapi import (AUTH_ONLY, HEALTH_RESPONSES, MODEL_RESPONSES, PREDICT_FORM, PREDICT_RESPONSES,
                                    QUICK_FORM, QUICK_RESPONSES, with_security_scheme)
@@ -35,6 +37,7 @@ log = logging.getLogger("raytimm.serve")
 
 # The OpenAPI document is served by Ingress.openapi_json below, behind the same auth as the other routes.
 app = FastAPI(title="raytimm", version=raytimm.__version__, docs_url=None, redoc_url=None, openapi_url=None)
+app.add_middleware(RequestMetricsMiddleware)  # every request's route, code and duration (serve/metrics.py)
 HEALTH_WAIT_S = 2.0  # /healthz answers 503 when no model replica answers within this (pending, starting)
 
 
@@ -191,11 +194,25 @@ class Ingress:
 
     async def _run(self, images: list, top_k: int, model_id: Optional[str] = None) -> dict:
         handle = self._model.options(multiplexed_model_id=model_id) if model_id else self._model
-        out = await handle.predict.remote(images, top_k)
-        if "error" in out:
-            raise HTTPError(out["error"]["status"], out["error"]["detail"])
+        out = await self._call_model(handle, "predict", images, top_k)
         results = out["results"]
         return results[0] if len(results) == 1 else {"results": results}
+
+    async def _call_model(self, handle: DeploymentHandle, method: str, *args, **kwargs) -> dict:
+        """A ModelServer call; its {"error": {status, detail}} answer raised as HTTPError."""
+        try:
+            out = await getattr(handle, method).remote(*args, **kwargs)
+        except RayActorError as exc:
+            # The replica died (or became unreachable) mid-call. A model call is idempotent: send the same
+            # arrays once more; Serve's router has already taken that replica out of its choices.
+            log.warning("model replica lost during a call (%s); retrying once on another", type(exc).__name__)
+            try:
+                out = await getattr(handle, method).remote(*args, **kwargs)
+            except RayActorError:
+                raise HTTPError(503, "no model replica could answer; try again shortly") from None
+        if "error" in out:
+            raise HTTPError(out["error"]["status"], out["error"]["detail"])
+        return out
 
     async def _resolve_request_checkpoint(self, path: str, model_name: Optional[str],
                                           num_classes: Optional[int]) -> str:
@@ -278,7 +295,5 @@ class Ingress:
         """Garbage names here (no timm in the ingress); the rest by a model replica, which has timm loaded
         and the weights folder the model would load from; nothing is built either way."""
         check_name_syntax(model_name)
-        out = await self._model.check_model.remote(model_name, pretrained=pretrained, allow_models=self._allow_models,
-                                                   max_params=self._max_model_params)
-        if "error" in out:
-            raise HTTPError(out["error"]["status"], out["error"]["detail"])
+        await self._call_model(self._model, "check_model", model_name, pretrained=pretrained,
+                               allow_models=self._allow_models, max_params=self._max_model_params)

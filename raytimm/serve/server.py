@@ -6,6 +6,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from typing import Optional
+
 from ray import serve
 
 from raytimm.errors import RaytimmError
@@ -48,8 +50,10 @@ def _on_sigterm(signum, frame) -> None:
     raise _ShutdownRequested()
 
 
-def _init_ray() -> bool:
+def _init_ray(metrics_export_port: Optional[int] = None) -> bool:
     """ray.init: the cluster at RAY_ADDRESS, else a new local Ray of this process; True if we started it.
+
+    ``metrics_export_port`` is the local Ray's Prometheus port; a cluster keeps its own.
 
     address="local" always starts our own: without it ray.init joins any Ray already running on the
     machine (another user's `ray start`), which a later ray.shutdown() would not stop and whose size
@@ -62,10 +66,14 @@ def _init_ray() -> bool:
     handler = signal.getsignal(signal.SIGTERM)
     try:
         if os.environ.get("RAY_ADDRESS"):
+            if metrics_export_port:
+                log.warning("--metrics-export-port %d ignored: joining the cluster at RAY_ADDRESS, whose own "
+                            "metrics export port serves raytimm's metrics", metrics_export_port)
             ray.init(address="auto", logging_level=logging.WARNING, log_to_driver=False)
             return False
         try:
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+                     _metrics_export_port=metrics_export_port)
         except BaseException:
             ray.shutdown()  # a half-started local Ray (SIGTERM or an error while it starts) leaves no processes
             raise
@@ -81,15 +89,18 @@ def _init_ray() -> bool:
             signal.signal(signal.SIGTERM, handler)
 
 
-def start_serve(host: str, port: int) -> bool:
-    """ray.init (a new local Ray, or RAY_ADDRESS's cluster) and serve.start on host:port; True if we started Ray."""
+def start_serve(host: str, port: int, metrics_export_port: Optional[int] = None) -> bool:
+    """ray.init (a new local Ray, or RAY_ADDRESS's cluster) and serve.start on host:port; True if we started Ray.
+
+    ``metrics_export_port`` is the local Ray's Prometheus port; a cluster keeps its own.
+    """
     import ray
 
     from raytimm.logs import quiet_third_party
     quiet_third_party()
     started = False
     if not ray.is_initialized():
-        started = _init_ray()
+        started = _init_ray(metrics_export_port)
     serve.start(http_options={"host": host, "port": int(port)}, logging_config=QUIET_LOGGING)
     return started
 
@@ -126,7 +137,7 @@ def run_server(settings: ServeSettings, *, block: bool = True, ready_timeout_s: 
     try:
         try:
             import ray
-            started = False if ray.is_initialized() else _init_ray()
+            started = False if ray.is_initialized() else _init_ray(settings.metrics_export_port)
             check_capacity(args, local=started)  # before Serve starts: a shortfall fails in seconds
             start_serve(host, port)
             deploy(args)
