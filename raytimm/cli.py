@@ -334,9 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve top-k predictions over HTTP with Ray Serve", formatter_class=fmt,
                        description=textwrap.dedent("""\
-                           Start Ray Serve with the checkpoint and block until Ctrl-C. Prints the URL when
-                           /healthz answers. Endpoints: POST /predict, POST /inference/quick, GET /healthz,
-                           GET /model. Set RAYTIMM_API_TOKEN to require `Authorization: Bearer <token>`.
+                           Start Ray Serve with the checkpoint and block until Ctrl-C or SIGTERM (both let
+                           requests in flight finish, up to --drain-timeout-s; SIGTERM exits 0). Prints the URL
+                           when /healthz answers. Endpoints: POST /predict, POST /inference/quick, GET /healthz,
+                           GET /model, GET /openapi.json. Set RAYTIMM_API_TOKEN to require
+                           `Authorization: Bearer <token>`.
                            Settings come from the --config file's serve: section (the keys `raytimm
                            config-keys` lists as serve.*); a flag given here overrides it."""))
     s.add_argument("--config", help="raytimm config YAML whose serve: section sets the defaults (flags override it)")

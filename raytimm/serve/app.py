@@ -59,6 +59,7 @@ def model_options(args: ServeArgs) -> dict:
     """ModelServer's deployment options for these args (without runtime_env): what configs/serve.yaml spells out."""
     opts: dict = dict(
         max_ongoing_requests=max(32, 4 * args.max_batch_size),
+        graceful_shutdown_timeout_s=args.drain_timeout_s,
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
         user_config={"checkpoint": args.checkpoint, "model_name": args.model_name,
                      "num_classes": args.num_classes, "max_batch_size": args.max_batch_size,
@@ -74,6 +75,7 @@ def model_options(args: ServeArgs) -> dict:
 def ingress_options(args: ServeArgs) -> dict:
     """Ingress's deployment options for these args (without runtime_env and user_config)."""
     return dict(num_replicas=args.ingress_replicas, max_ongoing_requests=256,
+                graceful_shutdown_timeout_s=args.drain_timeout_s,
                 ray_actor_options={"num_cpus": args.ingress_num_cpus})
 
 
@@ -97,7 +99,7 @@ def build_app(args: ServeArgs):
     if weights_dir:
         env[WEIGHTS_DIR_ENV] = weights_dir
     # Torch threads come from the CPUs Ray assigns each replica (also when serve.yaml overrides them).
-    model_kwargs = dict(weights_dir=weights_dir, max_models=args.max_models)
+    model_kwargs = dict(weights_dir=weights_dir, max_models=args.max_models, allow_hub=args.allow_hub)
     model = ModelServer.options(**_with_env(model_options(args), env))
     model = _with_version(model, code_version("model", model_kwargs)).bind(**model_kwargs)
     token = args.token()
@@ -106,7 +108,8 @@ def build_app(args: ServeArgs):
     ingress = _with_version(Ingress, code_version("ingress", token_hash))
     ingress = ingress.options(**_with_env(ingress_options(args), env),
                               user_config={"allow": allow, "max_upload_mb": args.max_upload_mb,
-                                           "max_pixels": args.max_pixels})
+                                           "max_pixels": args.max_pixels, "allow_models": args.allow_models,
+                                           "max_model_params": args.max_model_params})
     return ingress.bind(model, token)
 
 

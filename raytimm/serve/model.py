@@ -10,8 +10,9 @@ from typing import Optional
 from ray import serve
 
 from raytimm.envvars import WEIGHTS_DIR_ENV
-from raytimm.serve.http import HTTPError, error_payload, error_status
+from raytimm.serve.http import HTTPError, check_pretrained_name, error_payload, error_status
 from raytimm.serve.metrics import ModelMetrics
+from raytimm.serve.pretrained import available_weights, check_model_size, check_pretrained_request
 from raytimm.serve.settings import DEFAULTS, QUIET_LOGGING
 
 log = logging.getLogger("raytimm.serve")
@@ -27,11 +28,15 @@ def multiplexed_id(kind: str, uri: Optional[str] = None, model_name: Optional[st
     return str(uri)
 
 
-def load_from_model_id(model_id: str, *, weights_dir: Optional[str], max_pixels: int, device: Optional[str]):
+def load_from_model_id(model_id: str, *, weights_dir: Optional[str], max_pixels: int, device: Optional[str],
+                       allow_hub: bool = False):
     """Build a Predictor for a multiplexed model id (runs in a worker thread)."""
     from raytimm.predict import Predictor
     if model_id.startswith("pretrained:"):
-        return Predictor.pretrained(model_id[len("pretrained:"):], weights_dir=weights_dir, device=device,
+        name = model_id[len("pretrained:"):]
+        # Checked again on this node (the ingress checked its own): no weights here and no hub -> 404, unbuilt.
+        weights = available_weights(name, weights_dir, allow_hub)
+        return Predictor.pretrained(name, pretrained_file=weights, weights_dir=weights_dir, device=device,
                                     max_pixels=max_pixels)
     if model_id.startswith("{"):
         spec = json.loads(model_id)
@@ -62,7 +67,8 @@ class ModelServer:
     """Holds the served Predictor (hot-swappable) and an LRU of request-selected models; batches forwards."""
 
     def __init__(self, *, weights_dir: Optional[str] = None, max_models: int = DEFAULTS.max_models,
-                 num_threads: Optional[int] = None, device: Optional[str] = None):
+                 num_threads: Optional[int] = None, device: Optional[str] = None,
+                 allow_hub: bool = DEFAULTS.allow_hub):
         import torch
 
         from raytimm.logs import worker_logging_setup
@@ -71,6 +77,7 @@ class ModelServer:
         torch.set_num_threads(max(1, int(threads)))
         self._weights_dir = weights_dir or os.environ.get(WEIGHTS_DIR_ENV)
         self._device = device
+        self._allow_hub = bool(allow_hub)
         self._max_pixels = DEFAULTS.max_pixels
         self._predictor = None
         self._spec: Optional[dict] = None
@@ -94,7 +101,8 @@ class ModelServer:
     async def _load_model(self, model_id: str):
         start = time.monotonic()
         predictor = await asyncio.to_thread(load_from_model_id, model_id, weights_dir=self._weights_dir,
-                                            max_pixels=self._max_pixels, device=self._device)
+                                            max_pixels=self._max_pixels, device=self._device,
+                                            allow_hub=self._allow_hub)
         self._metrics.record_load("multiplexed", time.monotonic() - start)
         return predictor
 
@@ -132,6 +140,21 @@ class ModelServer:
         log.warning("serving %s (%s, %d classes), loaded in %.1fs", new.source, new.model_name, new.num_classes,
                     seconds)
 
+    async def check_model(self, name: str, *, pretrained: bool, allow_models: list, max_params: int) -> dict:
+        """What a request may build, decided here (timm is loaded; the weights folder is this node's) without
+        building anything: {} when it may, else {"error": {status, detail}} (serve/pretrained.py)."""
+        try:
+            if pretrained:
+                await asyncio.to_thread(check_pretrained_request, name, allow_models=allow_models,
+                                        max_params=max_params, weights_dir=self._weights_dir,
+                                        allow_hub=self._allow_hub)
+            else:  # a legacy .pt's architecture, named by the request
+                check_pretrained_name(name)
+                await asyncio.to_thread(check_model_size, name, max_params)
+            return {}
+        except Exception as exc:  # noqa: BLE001 - answered as a status, like predict()
+            return error_payload(exc)
+
     def ready(self) -> bool:
         """True once a model is loaded."""
         return self._predictor is not None
@@ -142,7 +165,8 @@ class ModelServer:
             return {"loaded": False, "reload_error": self._reload_error}
         meta = self._predictor.metadata()
         meta.update(loaded=True, requested_checkpoint=(self._spec or {}).get("checkpoint"),
-                    loaded_at=self._loaded_at, reload_error=self._reload_error, replica=_replica_id())
+                    loaded_at=self._loaded_at, reload_error=self._reload_error, replica=_replica_id(),
+                    pid=os.getpid())  # the replica's process, for resident-memory checks
         return meta
 
     async def predict(self, images: list, top_k: int) -> dict:

@@ -53,13 +53,26 @@ class ServeArgs(BaseModel):
     ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas.")
     weights_dir: Optional[str] = Field(None, description="Folder of <model>.safetensors for pretrained "
                                                          "/inference/quick; default $RAYTIMM_WEIGHTS_DIR.")
+    allow_models: list[str] = Field(default_factory=list, json_schema_extra={"metavar": "NAME"},
+                                    description="timm models /inference/quick may load pretrained (no "
+                                                "checkpoint_path); '*' = any timm model. Default: the models "
+                                                "with weights in the weights folder plus the shipped targets "
+                                                "(configs/train/).")
+    max_model_params: int = Field(100_000_000, ge=1, description="Largest model a request may build "
+                                                                 "(pretrained, or a legacy .pt's model_name), in "
+                                                                 "parameters; counted without building it.")
+    allow_hub: bool = Field(False, description="Let /inference/quick download pretrained weights from the "
+                                               "Hugging Face hub when the weights folder has none (off: 404).")
+    drain_timeout_s: float = Field(20.0, ge=0, description="On SIGTERM or Ctrl-C, how long requests already "
+                                                           "accepted may take to finish; also Serve's "
+                                                           "graceful_shutdown_timeout_s of each replica.")
     autoscaling: Optional[dict[str, Any]] = Field(None, description="Serve autoscaling_config of the model "
                                                                     "deployment, e.g. {min_replicas: 1, "
                                                                     "max_replicas: 4}; replaces replicas.")
     api_token: Optional[SecretStr] = Field(None, exclude=True, description=f"Bearer token; default ${API_TOKEN_ENV} "
                                                                            "where the app is built.")
 
-    @field_validator("allow", mode="before")
+    @field_validator("allow", "allow_models", mode="before")
     @classmethod
     def _split_allow(cls, v):
         # `serve run ... allow=a,b` passes one string.
@@ -200,7 +213,7 @@ def add_arguments(parser: argparse.ArgumentParser, model: type = ServeSettings) 
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif tp is list:
-            kw.update(action="append", metavar="PREFIX")
+            kw.update(action="append", metavar=(field.json_schema_extra or {}).get("metavar", "PREFIX"))
             kw["help"] = doc + " Repeatable."
         elif tp is dict:
             kw.update(type=_mapping, metavar="YAML")
