@@ -10,7 +10,7 @@ from ray import serve
 
 from raytimm.errors import RaytimmError
 from raytimm.serve.app import deploy
-from raytimm.serve.settings import QUIET_LOGGING, ServeArgs, ServeSettings
+from raytimm.serve.settings import QUIET_LOGGING, ServeArgs, ServeSettings, check_training_api
 
 log = logging.getLogger("raytimm.serve")
 
@@ -31,8 +31,11 @@ def wait_healthy(url: str, timeout_s: float = 300.0) -> None:
     raise RaytimmError(f"{url}/healthz did not become ready within {timeout_s:.0f}s (last: {last})")
 
 
-def start_serve(host: str, port: int) -> bool:
-    """ray.init (local, or the cluster at RAY_ADDRESS) and serve.start on host:port; True if we started Ray."""
+def start_serve(host: str, port: int, *, include_dashboard: bool = False) -> bool:
+    """ray.init (local, or the cluster at RAY_ADDRESS) and serve.start on host:port; True if we started Ray.
+
+    include_dashboard: a local Ray gets its dashboard (the Jobs API the training API submits to).
+    """
     import ray
 
     from raytimm.logs import quiet_third_party
@@ -42,7 +45,7 @@ def start_serve(host: str, port: int) -> bool:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address="auto", logging_level=logging.WARNING, log_to_driver=False)
         else:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+            ray.init(include_dashboard=include_dashboard, logging_level=logging.WARNING, log_to_driver=True)
             started = True
     serve.start(http_options={"host": host, "port": int(port)}, logging_config=QUIET_LOGGING)
     return started
@@ -58,7 +61,8 @@ def run_server(settings: ServeSettings, *, block: bool = True, ready_timeout_s: 
     from raytimm import checkpoint as ckpt
     ckpt.resolve_checkpoint(args.checkpoint)  # before starting Ray: a typo fails in a second, not a minute
     host, port = settings.host, settings.port
-    started = start_serve(host, port)
+    check_training_api(args, host=host)
+    started = start_serve(host, port, include_dashboard=args.training_api)
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown_host}:{port}"
     try:
