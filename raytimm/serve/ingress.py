@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,6 +25,7 @@ from raytimm.errors import RaytimmError
 from raytimm.serve.http import (MAX_FILES, HTTPError, check_pretrained_name, error_status, int_field, parse_top_k,
                                 text_field)
 from raytimm.serve import page, training
+from raytimm.serve.metrics import RequestMetricsMiddleware
 from raytimm.serve.model import multiplexed_id
 from raytimm.serve.paths import check_checkpoint_path, check_resolved_path, normalize_prefix
 from raytimm.serve.settings import DEFAULTS, QUIET_LOGGING
@@ -31,6 +33,7 @@ from raytimm.serve.settings import DEFAULTS, QUIET_LOGGING
 log = logging.getLogger("raytimm.serve")
 
 app = FastAPI(title="raytimm", docs_url=None, redoc_url=None, openapi_url=None)
+app.add_middleware(RequestMetricsMiddleware)  # every request's route, code and duration (serve/metrics.py)
 app.include_router(page.router)  # GET /: the page (serve/web/)
 app.include_router(training.router)  # /training/*: the training API (answers 404 unless turned on)
 
@@ -164,7 +167,16 @@ class Ingress:
 
     async def _run(self, images: list, top_k: int, model_id: Optional[str] = None) -> dict:
         handle = self._model.options(multiplexed_model_id=model_id) if model_id else self._model
-        out = await handle.predict.remote(images, top_k)
+        try:
+            out = await handle.predict.remote(images, top_k)
+        except RayActorError as exc:
+            # The replica died (or became unreachable) mid-call. A model call is idempotent: send the same
+            # arrays once more; Serve's router has already taken that replica out of its choices.
+            log.warning("model replica lost during a call (%s); retrying once on another", type(exc).__name__)
+            try:
+                out = await handle.predict.remote(images, top_k)
+            except RayActorError:
+                raise HTTPError(503, "no model replica could answer; try again shortly") from None
         if "error" in out:
             raise HTTPError(out["error"]["status"], out["error"]["detail"])
         results = out["results"]

@@ -11,6 +11,7 @@ from ray import serve
 
 from raytimm.envvars import WEIGHTS_DIR_ENV
 from raytimm.serve.http import HTTPError, error_payload, error_status
+from raytimm.serve.metrics import ModelMetrics
 from raytimm.serve.settings import DEFAULTS, QUIET_LOGGING
 
 log = logging.getLogger("raytimm.serve")
@@ -79,11 +80,23 @@ class ModelServer:
         async def load_model(model_id: str):
             # A plain function, not a bound method: Serve caches its LRU on the function object.
             return await self._load_model(model_id)
+        self._load_fn = load_model
         self._get_model = serve.multiplexed(max_num_models_per_replica=int(max_models))(load_model)
+        self._metrics = ModelMetrics(models_held=self._models_held)
+
+    def _models_held(self) -> int:
+        """The served model plus the multiplexed LRU's size (read by the metrics thread)."""
+        # Serve keeps the LRU on the decorated function (ray/serve/api.py, `__serve_multiplex_wrapper`);
+        # there is no public accessor. tests/test_serve_metrics.py checks the count after a multiplexed load.
+        lru = getattr(getattr(self._load_fn, "__serve_multiplex_wrapper", None), "models", None)
+        return int(self._predictor is not None) + (len(lru) if lru is not None else 0)
 
     async def _load_model(self, model_id: str):
-        return await asyncio.to_thread(load_from_model_id, model_id, weights_dir=self._weights_dir,
-                                       max_pixels=self._max_pixels, device=self._device)
+        start = time.monotonic()
+        predictor = await asyncio.to_thread(load_from_model_id, model_id, weights_dir=self._weights_dir,
+                                            max_pixels=self._max_pixels, device=self._device)
+        self._metrics.record_load("multiplexed", time.monotonic() - start)
+        return predictor
 
     async def reconfigure(self, config: dict) -> None:
         """Apply user_config: batch settings, and swap in a new checkpoint (old model keeps serving until then)."""
@@ -111,10 +124,13 @@ class ModelServer:
                                   "time": time.time()}
             log.error("reload of %s failed; still serving %s: %s", spec["checkpoint"], self._predictor.source, exc)
             return
+        source = "startup" if self._predictor is None else "reload"
         self._predictor, self._spec = new, spec  # the swap: one reference assignment
         self._reload_error, self._loaded_at = None, time.time()
+        seconds = time.monotonic() - start
+        self._metrics.record_load(source, seconds)
         log.warning("serving %s (%s, %d classes), loaded in %.1fs", new.source, new.model_name, new.num_classes,
-                    time.monotonic() - start)
+                    seconds)
 
     def ready(self) -> bool:
         """True once a model is loaded."""
@@ -159,6 +175,8 @@ class ModelServer:
             ks = [items[i][2] for i in idx]
             # Off the event loop, so the next batch can queue while this one runs.
             results = await asyncio.to_thread(predictor.predict_tensor_batch, batch, ks)
+            self._metrics.record_batch(len(idx))
+            self._metrics.record_predictions(predictor.model_name, predictor.num_classes, results)
             for i, r in zip(idx, results):
                 out[i] = r
         return out

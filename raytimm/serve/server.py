@@ -6,6 +6,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from typing import Optional
+
 from ray import serve
 
 from raytimm.errors import RaytimmError
@@ -31,10 +33,12 @@ def wait_healthy(url: str, timeout_s: float = 300.0) -> None:
     raise RaytimmError(f"{url}/healthz did not become ready within {timeout_s:.0f}s (last: {last})")
 
 
-def start_serve(host: str, port: int, *, include_dashboard: bool = False) -> bool:
+def start_serve(host: str, port: int, metrics_export_port: Optional[int] = None, *,
+                include_dashboard: bool = False) -> bool:
     """ray.init (local, or the cluster at RAY_ADDRESS) and serve.start on host:port; True if we started Ray.
 
-    include_dashboard: a local Ray gets its dashboard (the Jobs API the training API submits to).
+    ``metrics_export_port`` is the local Ray's Prometheus port; a cluster keeps its own.
+    ``include_dashboard``: a local Ray gets its dashboard (the Jobs API the training API submits to).
     """
     import ray
 
@@ -43,9 +47,13 @@ def start_serve(host: str, port: int, *, include_dashboard: bool = False) -> boo
     started = False
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
+            if metrics_export_port:
+                log.warning("--metrics-export-port %d ignored: joining the cluster at RAY_ADDRESS, whose own "
+                            "metrics export port serves raytimm's metrics", metrics_export_port)
             ray.init(address="auto", logging_level=logging.WARNING, log_to_driver=False)
         else:
-            ray.init(include_dashboard=include_dashboard, logging_level=logging.WARNING, log_to_driver=True)
+            ray.init(include_dashboard=include_dashboard, logging_level=logging.WARNING, log_to_driver=True,
+                     _metrics_export_port=metrics_export_port)
             started = True
     serve.start(http_options={"host": host, "port": int(port)}, logging_config=QUIET_LOGGING)
     return started
@@ -62,7 +70,7 @@ def run_server(settings: ServeSettings, *, block: bool = True, ready_timeout_s: 
     ckpt.resolve_checkpoint(args.checkpoint)  # before starting Ray: a typo fails in a second, not a minute
     host, port = settings.host, settings.port
     check_training_api(args, host=host)
-    started = start_serve(host, port, include_dashboard=args.training_api)
+    started = start_serve(host, port, settings.metrics_export_port, include_dashboard=args.training_api)
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown_host}:{port}"
     try:

@@ -100,6 +100,10 @@ class ServeSettings(ServeArgs):
     checkpoint: Optional[str] = Field(None, description=_CHECKPOINT_DOC + " Required: in the config or as a flag.")
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds; 0.0.0.0 exposes it to the network.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    metrics_export_port: Optional[int] = Field(
+        None, ge=1, le=65535, description="Prometheus port of the local Ray that `raytimm serve` starts (Ray's "
+                                          "and raytimm's metrics at /metrics); on a cluster (RAY_ADDRESS) the "
+                                          "cluster's own export port serves them.")
 
     def app_args(self) -> ServeArgs:
         """The app's part (no host/port); ConfigError when no checkpoint is set."""
