@@ -126,8 +126,13 @@ def test_bad_requests_are_refused_and_start_nothing(server, work, change, status
     assert s.get(f"{url}/training/900", timeout=60).status_code == 404
 
 
-def test_the_training_api_needs_the_token(server, work):
+def test_the_training_api_needs_the_token_and_the_page_is_public(server, work):
     url, _ = server
+    home = requests.get(f"{url}/", timeout=60)
+    assert home.status_code == 200 and 'data-auth="required" data-training="on"' in home.text
+    assert "connect-src 'self'" in home.headers["content-security-policy"]
+    assert requests.get(f"{url}/web/app.js", timeout=60).headers["content-type"].startswith("text/javascript")
+    assert requests.get(f"{url}/web/page.py", timeout=60).status_code == 404
     assert requests.post(f"{url}/training/start", json=request(work, 901), timeout=60).status_code == 401
     assert requests.get(f"{url}/training", timeout=60).status_code == 401
     r = requests.post(f"{url}/training/start", data=b"{not json", timeout=60,

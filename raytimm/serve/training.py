@@ -26,7 +26,7 @@ from raytimm import jobs, runs, storage
 from raytimm.envvars import forwarded_env
 from raytimm.errors import RaytimmError
 from raytimm.serve.http import HTTPError
-from raytimm.serve.paths import normalize_prefix
+from raytimm.serve.paths import check_resolved_path, normalize_prefix
 
 log = logging.getLogger("raytimm.serve")
 
@@ -177,6 +177,7 @@ class TrainingService:
                 config_uri = None  # the other start's config is the one that runs
             jobs.add_attempt(record, ray_job_id=sid, config_uri=config_uri, epochs=cfg.train.epochs)
             await asyncio.to_thread(self.registry.write, record)
+            # An audit line for every submission (replicas log at WARNING and above).
             log.warning("training job %s: Ray job %s (%s)", record["training_job_id"], sid, record["run_name"])
             return jobs.start_answer(record)
         raise HTTPError(409, f"training job {record['training_job_id']!r}: no free Ray submission id after "
@@ -230,7 +231,6 @@ class TrainingService:
     async def confusion(self, training_job_id: str) -> dict:
         """The best checkpoint's confusion matrix and class names (read from its meta.json only)."""
         from raytimm import checkpoint as ckpt
-        from raytimm.serve.paths import check_resolved_path
 
         record = await self._record(training_job_id)
         progress = await self._progress(record) or {}
@@ -284,7 +284,12 @@ async def read_json(request: Request) -> Any:
         raise HTTPError(422, f"the body is not valid JSON: {e}") from None
 
 
-@router.post("/training/start")
+# The body is read by hand (bounded before parsing); the schema is declared for OpenAPI readers.
+_START_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": jobs.TrainingRequest.model_json_schema()}}}}
+
+
+@router.post("/training/start", openapi_extra=_START_BODY)
 async def training_start(request: Request):
     """The platform's TrainingRequest -> {status, training_job_id, ray_job_id, run_name}."""
     service = _service(request)
