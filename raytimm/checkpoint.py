@@ -70,10 +70,7 @@ def is_remote_uri(uri: str) -> bool:
 
 def _local_path(uri: str | os.PathLike) -> Path:
     """Local path for a plain path or file:// URI."""
-    s = os.fspath(uri)
-    if s.startswith("file://"):
-        s = s[len("file://"):]
-    return Path(s).expanduser()
+    return Path(storage.local_path(uri))
 
 
 def join_uri(base: str, name: str) -> str:

@@ -121,10 +121,71 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from raytimm.serve.settings import given_flags, settings_from_cli
 
     settings = settings_from_cli(a.config, given_flags(a))
+    if a.config:  # the file's storage section names the endpoint checkpoints are read from, here and in replicas
+        from raytimm import storage
+        from raytimm.config import load_config
+
+        section = load_config(a.config).storage
+        storage.configure(endpoint_url=section.endpoint_url, region=section.region)
     from raytimm.serve.server import run_server
 
     run_server(settings)
     return 0
+
+
+def _cache_folder(a: argparse.Namespace) -> str:
+    from raytimm import cache
+
+    root = cache.cache_root(a.cache_dir)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise RaytimmError(f"cache folder {root} is not a folder; give --cache-dir a folder")
+    if a.cache_dir and not os.path.isdir(root):
+        raise RaytimmError(f"--cache-dir {a.cache_dir}: no such folder")
+    return root
+
+
+def cmd_cache_ls(a: argparse.Namespace) -> int:
+    from raytimm import cache
+
+    root = _cache_folder(a)
+    entries = cache.list_entries(root)
+    total = cache.total_bytes(root)
+    if a.json:
+        print(json.dumps({"cache_dir": root, "total_bytes": total, "entries": [e.to_dict() for e in entries]},
+                         indent=2, ensure_ascii=False))
+        return 0
+    if not entries:
+        print(f"no cache entries in {root}")
+        return 0
+    print(f"{'KIND':<8} {'SIZE':>9}  {'LAST USED':<19}  {'IN USE':<6}  SOURCE")
+    for e in entries:
+        print(f"{e.kind:<8} {cache.format_size(e.size):>9}  {e.to_dict()['last_used'].replace('T', ' '):<19}  "
+              f"{'yes' if e.in_use else 'no':<6}  {e.source}")
+    print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {cache.format_size(total)} in {root}")
+    return 0
+
+
+def cmd_cache_prune(a: argparse.Namespace) -> int:
+    from raytimm import cache
+
+    if a.max_gb is not None and not a.max_gb > 0:
+        raise RaytimmError(f"--max-gb {a.max_gb:g}: expected a size in GB > 0 (--all removes every entry not in use)")
+    root = _cache_folder(a)
+    limit = 0 if a.all else int((a.max_gb if a.max_gb is not None else _default_cache_max_gb()) * cache.GB)
+    report = cache.prune(root, max_bytes=limit)
+    for e in report.removed:
+        print(f"removed  {e.kind:<8} {cache.format_size(e.size):>9}  {e.source}")
+    for e in report.kept_in_use:
+        print(f"in use   {e.kind:<8} {cache.format_size(e.size):>9}  {e.source}  (kept)")
+    print(f"{len(report.removed)} removed; {cache.format_size(report.total_bytes)} left in {root}"
+          + ("" if a.all else f" (limit {cache.format_size(limit)})"))
+    return 0
+
+
+def _default_cache_max_gb() -> float:
+    from raytimm.config import Config
+
+    return Config().data.cache_max_gb
 
 
 def cmd_status(a: argparse.Namespace) -> int:
@@ -250,6 +311,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(s)
     s.set_defaults(func=cmd_serve)
 
+    s = sub.add_parser("cache", help="list or prune this machine's cache of staged datasets and DICE conversions",
+                       formatter_class=fmt, description=textwrap.dedent("""\
+                           Training stages s3:// and r2:// datasets and converts DICE exports into a node-local
+                           cache (data.cache_dir; each node of a cluster has its own). After a new entry is added,
+                           the least recently used entries are removed until the cache fits data.cache_max_gb
+                           (default 50 GB). An entry is "in use" while a process that staged or read it (a
+                           training worker, `raytimm evaluate`) runs; in-use entries are never removed.
+                           The folder is --cache-dir, else $RAYTIMM_CACHE_DIR, else ~/.cache/raytimm."""))
+    csub = s.add_subparsers(dest="action", metavar="ACTION", required=True)
+    c = csub.add_parser("ls", help="list entries: kind, size, last use, in use, source", formatter_class=fmt,
+                        description="List the cache's entries, most recently used first.")
+    c.add_argument("--cache-dir", help="cache folder (default $RAYTIMM_CACHE_DIR, else ~/.cache/raytimm)")
+    c.add_argument("--json", action="store_true", help="print JSON: cache_dir, total_bytes and entries")
+    c.set_defaults(func=cmd_cache_ls)
+    c = csub.add_parser("prune", help="remove least recently used entries that are not in use", formatter_class=fmt,
+                        description=textwrap.dedent("""\
+                            Remove entries that are not in use, least recently used first, until the cache
+                            holds at most --max-gb (default: data.cache_max_gb's default, 50), or all of them
+                            with --all. Training does this by itself after each new entry."""))
+    c.add_argument("--cache-dir", help="cache folder (default $RAYTIMM_CACHE_DIR, else ~/.cache/raytimm)")
+    which = c.add_mutually_exclusive_group()
+    which.add_argument("--max-gb", type=float, help="size to prune down to, in GB (10^9 bytes)")
+    which.add_argument("--all", action="store_true", help="remove every entry that is not in use")
+    c.set_defaults(func=cmd_cache_prune)
     s = sub.add_parser("status", help="where a run stands: its progress.json, local or in a bucket",
                        formatter_class=fmt, description=textwrap.dedent("""\
                            Print a run's state, epoch, latest and best metrics from <run folder>/progress.json,

@@ -45,6 +45,8 @@ class DataSection:
     split_seed: int = _f(42, "Seed of the train/val split when there is no val/ folder.")
     num_workers: int = _f(2, "DataLoader worker processes per training worker.")
     cache_dir: str = _f("~/.cache/raytimm", "Node-local cache for staged datasets, DICE conversions and weights.")
+    cache_max_gb: float = _f(50.0, "Size limit (GB) of the cache's staged datasets and DICE conversions: after a new "
+                                   "one, the least recently used entries not in use are removed. Must be > 0.")
     max_image_pixels: int = _f(64_000_000, "Images with more pixels are refused (decompression-bomb guard).")
     verify_images: bool = _f(True, "Open every image header at scan time so unreadable files are reported, not crashed on.")
     rrc: bool = _f(True, "Train augmentation: RandomResizedCrop (else a plain resize to the input size).")
@@ -57,6 +59,8 @@ class DataSection:
         _check(0.0 < self.split_ratio < 1.0, f"{p}.split_ratio", self.split_ratio, "a number in (0, 1)")
         _check(self.num_workers >= 0, f"{p}.num_workers", self.num_workers, ">= 0")
         _check(self.max_image_pixels > 0, f"{p}.max_image_pixels", self.max_image_pixels, "> 0")
+        _check(self.cache_max_gb > 0, f"{p}.cache_max_gb", self.cache_max_gb,
+               "a size in GB > 0 (`raytimm cache prune --all` empties the cache)")
         for key in ("rrc_scale", "rrc_ratio"):
             v = getattr(self, key)
             _check(len(v) == 2 and 0 < v[0] <= v[1], f"{p}.{key}", v, "[min, max] with 0 < min <= max")

@@ -37,15 +37,13 @@ class UnpaddedDistributedSampler(DistributedSampler):
         return self.num_samples
 
 
-def stage_dataset(path: str, cache_dir: str, *, endpoint_url: Optional[str] = None,
-                  region: Optional[str] = None) -> str:
+def stage_dataset(path: str, cache_dir: str, *, max_gb: Optional[float] = None) -> str:
     """A remote dataset URI mirrored once into ``<cache_dir>/datasets`` on this node; a local path as given."""
     from raytimm import storage
 
     if not storage.is_remote(path):
         return path
-    return storage.stage(path, os.path.join(os.path.expanduser(cache_dir), "datasets"), endpoint_url=endpoint_url,
-                         region=region)
+    return storage.stage(path, os.path.join(os.path.expanduser(cache_dir), "datasets"), max_gb=max_gb)
 
 
 def prepare_dataset_root(cfg) -> str:
@@ -59,12 +57,12 @@ def prepare_dataset_root(cfg) -> str:
     if not first:
         dist_utils.barrier()
     try:
-        root = stage_dataset(root, cache, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+        root = stage_dataset(root, cache, max_gb=cfg.data.cache_max_gb)
         if cfg.data.format == "dice":
             from raytimm.data.dice import ensure_dice_converted
 
             root = ensure_dice_converted(root, os.path.join(cache, "dice"), split_ratio=cfg.data.split_ratio,
-                                         seed=cfg.data.split_seed, log=log.info)
+                                         seed=cfg.data.split_seed, cache_max_gb=cfg.data.cache_max_gb, log=log.info)
     finally:
         if first:
             dist_utils.barrier()
