@@ -15,7 +15,7 @@ from raytimm.errors import ConfigError
 from raytimm.serve.ingress import Ingress
 from raytimm.serve.model import ModelServer
 from raytimm.serve.paths import normalize_prefix, storage_root
-from raytimm.serve.settings import APP_NAME, QUIET_LOGGING, ServeArgs
+from raytimm.serve.settings import APP_NAME, QUIET_LOGGING, ServeArgs, check_training_api
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _RAYTIMM_DIR = os.path.dirname(_PACKAGE_DIR)
@@ -83,6 +83,29 @@ def _with_env(options: dict, env: dict) -> dict:
     return {**options, "ray_actor_options": {**options["ray_actor_options"], "runtime_env": {"env_vars": env}}}
 
 
+def proxy_host():
+    """Where Serve's HTTP proxy listens, from the running Serve controller; None when it cannot be told."""
+    try:
+        from ray.serve.context import _get_global_client
+        return _get_global_client().http_config.host
+    except Exception:  # noqa: BLE001 - no controller yet, or the API moved: treated as "not loopback"
+        return None
+
+
+def training_api_options(args: ServeArgs):
+    """TrainingService's arguments for the ingress (None when the training API is off); refuses an exposed one."""
+    if not args.training_api:
+        return None
+    from raytimm import storage
+    from raytimm.config import config_to_dict, load_config
+
+    check_training_api(args, host=proxy_host())
+    base = config_to_dict(load_config(args.training_config)) if args.training_config else None
+    # Local runs storage is made absolute here, where the server starts (replicas have another cwd).
+    return {"runs_storage": storage.normalize(args.runs_storage), "allow_data": list(args.allow_data),
+            "base_config": base, "dashboard_url": args.ray_dashboard_url}
+
+
 def build_app(args: ServeArgs):
     """Typed Serve app builder: Ingress(FastAPI) bound to a ModelServer loaded from ``args.checkpoint``."""
     from raytimm import checkpoint as ckpt
@@ -94,6 +117,9 @@ def build_app(args: ServeArgs):
     allow = [normalize_prefix(p) for p in args.allow]
     if args.allow_checkpoint_root:
         allow.append(normalize_prefix(storage_root(resolved)))
+    training_api = training_api_options(args)
+    if training_api:  # a run's best_checkpoint, as GET /training/{id} reports it, can be served as it is
+        allow.append(normalize_prefix(training_api["runs_storage"]))
     weights_dir = args.weights_dir or os.environ.get(WEIGHTS_DIR_ENV)
     env = forwarded_env()
     if weights_dir:
@@ -105,12 +131,12 @@ def build_app(args: ServeArgs):
     token = args.token()
     # Only a hash of the token enters the version (so a new token restarts the ingress); never the token.
     token_hash = hashlib.sha256(token.get_secret_value().encode()).hexdigest() if token else None
-    ingress = _with_version(Ingress, code_version("ingress", token_hash))
+    ingress = _with_version(Ingress, code_version("ingress", token_hash, training_api))
     ingress = ingress.options(**_with_env(ingress_options(args), env),
                               user_config={"allow": allow, "max_upload_mb": args.max_upload_mb,
                                            "max_pixels": args.max_pixels, "allow_models": args.allow_models,
                                            "max_model_params": args.max_model_params})
-    return ingress.bind(model, token)
+    return ingress.bind(model, token, training_api)
 
 
 def deploy(args: ServeArgs, *, blocking: bool = False):

@@ -26,6 +26,7 @@ from raytimm.envvars import API_TOKEN_ENV
 from raytimm.errors import RaytimmError
 from raytimm.serve.http import (MAX_FILES, HTTPError, check_name_syntax, error_status, int_field, parse_top_k,
                                 text_field)
+from raytimm.serve import page, training
 from raytimm.serve.metrics import RequestMetricsMiddleware
 from raytimm.serve.model import multiplexed_id
 from raytimm.serve.openapi import (AUTH_ONLY, HEALTH_RESPONSES, MODEL_RESPONSES, PREDICT_FORM, PREDICT_RESPONSES,
@@ -39,6 +40,8 @@ log = logging.getLogger("raytimm.serve")
 app = FastAPI(title="raytimm", version=raytimm.__version__, docs_url=None, redoc_url=None, openapi_url=None)
 app.add_middleware(RequestMetricsMiddleware)  # every request's route, code and duration (serve/metrics.py)
 HEALTH_WAIT_S = 2.0  # /healthz answers 503 when no model replica answers within this (pending, starting)
+app.include_router(page.router)  # GET /: the page (serve/web/)
+app.include_router(training.router)  # /training/*: the training API (answers 404 unless turned on)
 
 
 @app.exception_handler(HTTPError)
@@ -86,13 +89,16 @@ def _replay(body: bytes):
 class Ingress:
     """HTTP front: auth, limits, decoding, allowed prefixes; forwards arrays to ModelServer."""
 
-    def __init__(self, model: DeploymentHandle, token: Optional[SecretStr] = None):
+    def __init__(self, model: DeploymentHandle, token: Optional[SecretStr] = None, training_api: Optional[dict] = None):
         from raytimm.logs import worker_logging_setup
         worker_logging_setup()
         self._model = model
         # The replica's own environment is the fallback (e.g. the token is injected into the cluster's pods).
         token_value = token.get_secret_value() if isinstance(token, SecretStr) else None
         self._token = (token_value or os.environ.get(API_TOKEN_ENV) or "").encode() or None
+        # training_api: TrainingService's arguments (app.py), None when the API is off.
+        training.install(training.TrainingService(**training_api) if training_api else None, self._check_auth)
+        page.install(auth_required=self._token is not None, training=training_api is not None)
         self._allow: list = []
         self._max_upload = int(DEFAULTS.max_upload_mb * 1024 * 1024)
         self._max_pixels = DEFAULTS.max_pixels

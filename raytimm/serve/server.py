@@ -13,7 +13,7 @@ from ray import serve
 from raytimm.errors import RaytimmError
 from raytimm.serve.app import deploy
 from raytimm.serve.capacity import shortfalls
-from raytimm.serve.settings import APP_NAME, QUIET_LOGGING, ServeArgs, ServeSettings
+from raytimm.serve.settings import APP_NAME, QUIET_LOGGING, ServeArgs, ServeSettings, check_training_api
 
 log = logging.getLogger("raytimm.serve")
 
@@ -50,7 +50,7 @@ def _on_sigterm(signum, frame) -> None:
     raise _ShutdownRequested()
 
 
-def _init_ray(metrics_export_port: Optional[int] = None) -> bool:
+def _init_ray(metrics_export_port: Optional[int] = None, include_dashboard: bool = False) -> bool:
     """ray.init: the cluster at RAY_ADDRESS, else a new local Ray of this process; True if we started it.
 
     ``metrics_export_port`` is the local Ray's Prometheus port; a cluster keeps its own.
@@ -72,7 +72,7 @@ def _init_ray(metrics_export_port: Optional[int] = None) -> bool:
             ray.init(address="auto", logging_level=logging.WARNING, log_to_driver=False)
             return False
         try:
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+            ray.init(address="local", include_dashboard=include_dashboard, logging_level=logging.WARNING, log_to_driver=True,
                      _metrics_export_port=metrics_export_port)
         except BaseException:
             ray.shutdown()  # a half-started local Ray (SIGTERM or an error while it starts) leaves no processes
@@ -89,10 +89,12 @@ def _init_ray(metrics_export_port: Optional[int] = None) -> bool:
             signal.signal(signal.SIGTERM, handler)
 
 
-def start_serve(host: str, port: int, metrics_export_port: Optional[int] = None) -> bool:
+def start_serve(host: str, port: int, metrics_export_port: Optional[int] = None, *,
+                include_dashboard: bool = False) -> bool:
     """ray.init (a new local Ray, or RAY_ADDRESS's cluster) and serve.start on host:port; True if we started Ray.
 
     ``metrics_export_port`` is the local Ray's Prometheus port; a cluster keeps its own.
+    ``include_dashboard``: a local Ray gets its dashboard (the Jobs API the training API submits to).
     """
     import ray
 
@@ -100,7 +102,7 @@ def start_serve(host: str, port: int, metrics_export_port: Optional[int] = None)
     quiet_third_party()
     started = False
     if not ray.is_initialized():
-        started = _init_ray(metrics_export_port)
+        started = _init_ray(metrics_export_port, include_dashboard)
     serve.start(http_options={"host": host, "port": int(port)}, logging_config=QUIET_LOGGING)
     return started
 
@@ -128,6 +130,7 @@ def run_server(settings: ServeSettings, *, block: bool = True, ready_timeout_s: 
     from raytimm import checkpoint as ckpt
     ckpt.resolve_checkpoint(args.checkpoint)  # before starting Ray: a typo fails in a second, not a minute
     host, port = settings.host, settings.port
+    check_training_api(args, host=host)  # before Ray starts: the training API's own settings
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     main_thread = threading.current_thread() is threading.main_thread()
     _TERMINATING.clear()
@@ -137,7 +140,8 @@ def run_server(settings: ServeSettings, *, block: bool = True, ready_timeout_s: 
     try:
         try:
             import ray
-            started = False if ray.is_initialized() else _init_ray(settings.metrics_export_port)
+            started = False if ray.is_initialized() else _init_ray(settings.metrics_export_port,
+                                                                       include_dashboard=args.training_api)
             check_capacity(args, local=started)  # before Serve starts: a shortfall fails in seconds
             start_serve(host, port)
             deploy(args)

@@ -11,6 +11,7 @@ Errors name the key (``serve.max_batch_size=0 is out of range: expected >= 1``, 
 """
 import argparse
 import difflib
+import ipaddress
 import os
 from typing import Any, Callable, ClassVar, Optional, Union, get_args, get_origin
 
@@ -69,10 +70,26 @@ class ServeArgs(BaseModel):
     autoscaling: Optional[dict[str, Any]] = Field(None, description="Serve autoscaling_config of the model "
                                                                     "deployment, e.g. {min_replicas: 1, "
                                                                     "max_replicas: 4}; replaces replicas.")
+    training_api: bool = Field(False, description="Turn on the training API (POST /training/start, GET /training, "
+                                                  "GET /training/{id}, POST /training/{id}/stop): runs become Ray jobs "
+                                                  "submitted through the cluster's Jobs API. Needs allow_data, and "
+                                                  f"${API_TOKEN_ENV} unless the server binds to loopback.")
+    runs_storage: str = Field("./runs", description="storage.path of every run the training API starts (local, made "
+                                                    "absolute at start, or s3:// / r2://); also an allowed prefix for "
+                                                    "/inference/quick, so a run's best_checkpoint can be served.")
+    allow_data: list[str] = Field(default_factory=list, description="Storage prefixes a training request's "
+                                                                    "dataset_path and checkpoint_path may name (a "
+                                                                    "list, or 'a,b').")
+    training_config: Optional[str] = Field(None, description="raytimm config YAML (path or bucket URI) with the "
+                                                             "defaults of runs the training API starts (scaling, "
+                                                             "mlflow, augmentation); the request's fields win.")
+    ray_dashboard_url: Optional[str] = Field(None, description="Ray dashboard (Jobs API) the training API submits "
+                                                               "to, e.g. http://127.0.0.1:8265; default: the one "
+                                                               "the cluster records for itself.")
     api_token: Optional[SecretStr] = Field(None, exclude=True, description=f"Bearer token; default ${API_TOKEN_ENV} "
                                                                            "where the app is built.")
 
-    @field_validator("allow", "allow_models", mode="before")
+    @field_validator("allow", "allow_models", "allow_data", mode="before")
     @classmethod
     def _split_allow(cls, v):
         # `serve run ... allow=a,b` passes one string.
@@ -110,6 +127,34 @@ class ServeSettings(ServeArgs):
 
 
 DEFAULTS = ServeSettings()
+
+
+def is_loopback(host: Optional[str]) -> bool:
+    """Whether ``host`` only accepts connections from this machine (127.0.0.0/8, ::1, localhost)."""
+    if not host:
+        return False
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_training_api(args: ServeArgs, *, host: Optional[str]) -> None:
+    """Refuse a training API that anyone on the network could use, or one without data prefixes.
+
+    ``host`` is where the HTTP proxy listens (None when unknown: then only a token will do).
+    """
+    if not args.training_api:
+        return
+    if not args.allow_data:
+        raise ConfigError("the training API needs --allow-data PREFIX (serve.allow_data): the storage prefixes a "
+                          "request's dataset_path and checkpoint_path may name")
+    if args.token() is None and not is_loopback(host):
+        where = f"binds to {host}" if host else "may be reachable from the network"
+        raise ConfigError(f"the training API starts jobs on the cluster and the server {where}: set "
+                          f"${API_TOKEN_ENV}, or bind to loopback (--host 127.0.0.1)")
 
 
 # ----------------------------------------------------------------------------- errors naming the key
