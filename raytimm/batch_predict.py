@@ -244,7 +244,8 @@ def _driver_predictor(checkpoint: str, *, backend: str, model_name: str | None, 
 
 def predict_to_output(checkpoint: str, input_uri: str, output_uri: str, *, fmt: str = "parquet", top_k: int = 5,
                       batch_size: int = 64, concurrency: int | tuple[int, int] = 1, num_gpus: float = 0.0,
-                      cpus_per_actor: float = 1.0, shard_size: int = out.DEFAULT_SHARD_SIZE, backend: str = "torch",
+                      cpus_per_actor: float = 1.0, decode_cpus: float = 1.0,
+                      shard_size: int = out.DEFAULT_SHARD_SIZE, backend: str = "torch",
                       model_name: str | None = None, num_classes: int | None = None,
                       class_names: Sequence[str] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                       max_file_mb: float = DEFAULT_MAX_FILE_MB) -> dict:
@@ -255,8 +256,9 @@ def predict_to_output(checkpoint: str, input_uri: str, output_uri: str, *, fmt: 
     out.check_format(fmt)
     if top_k < 1 or batch_size < 1:
         raise ConfigError(f"--top-k {top_k} / --batch-size {batch_size}: both must be >= 1")
-    if num_gpus < 0 or cpus_per_actor < 0:
-        raise ConfigError(f"--num-gpus {num_gpus:g} / --cpus-per-actor {cpus_per_actor:g}: expected >= 0")
+    if num_gpus < 0 or cpus_per_actor < 0 or not decode_cpus > 0:
+        raise ConfigError(f"--num-gpus {num_gpus:g} / --cpus-per-actor {cpus_per_actor:g} / --decode-cpus "
+                          f"{decode_cpus:g}: expected >= 0 (decode CPUs > 0)")
     t_start = time.monotonic()
     entries = list_inputs(input_uri)
     shards = out.plan_shards([given for given, _, _ in entries], shard_size, fmt)
@@ -279,7 +281,8 @@ def predict_to_output(checkpoint: str, input_uri: str, output_uri: str, *, fmt: 
         counts = _run_pipeline(todo, entries, output_uri, fmt=fmt, shard_size=shard_size,
                                data_config=pred.data_config, checkpoint=checkpoint, backend=backend, top_k=top_k,
                                batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus,
-                               cpus_per_actor=cpus_per_actor, model_name=model_name, num_classes=num_classes,
+                               cpus_per_actor=cpus_per_actor, decode_cpus=decode_cpus, model_name=model_name,
+                               num_classes=num_classes,
                                class_names=names, max_pixels=max_pixels, max_bytes=int(max_file_mb * 1e6))
     finally:
         if started:
@@ -293,7 +296,8 @@ def predict_to_output(checkpoint: str, input_uri: str, output_uri: str, *, fmt: 
 
 def _run_pipeline(todo: list[out.Shard], entries: list[tuple[str, str, int]], output_uri: str, *, fmt: str,
                   shard_size: int, data_config: dict, checkpoint: str, backend: str, top_k: int, batch_size: int,
-                  concurrency, num_gpus: float, cpus_per_actor: float, model_name, num_classes, class_names,
+                  concurrency, num_gpus: float, cpus_per_actor: float, decode_cpus: float, model_name, num_classes,
+                  class_names,
                   max_pixels, max_bytes: int) -> dict:
     """Build and drain the Dataset, committing each shard's part file as soon as its last row arrives."""
     import ray
@@ -306,7 +310,7 @@ def _run_pipeline(todo: list[out.Shard], entries: list[tuple[str, str, int]], ou
     device = "cuda" if num_gpus > 0 else "cpu"
     t0 = time.monotonic()
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(math.ceil(len(items) / batch_size), 2000)))
-    ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=1,
+    ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=decode_cpus,
                         fn_kwargs={"data_config": dict(data_config), "max_pixels": max_pixels, "max_bytes": max_bytes},
                         runtime_env=runtime_env)
     ds = ds.map_batches(ModelActor, batch_size=batch_size, batch_format="numpy", concurrency=concurrency,

@@ -123,7 +123,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     summary = predict_to_output(a.checkpoint, a.input, a.output, fmt=a.format, top_k=a.top_k,
                                 batch_size=a.batch_size, concurrency=parse_concurrency(a.concurrency),
-                                num_gpus=a.num_gpus, cpus_per_actor=a.cpus_per_actor, shard_size=a.shard_size,
+                                num_gpus=a.num_gpus, cpus_per_actor=a.cpus_per_actor, decode_cpus=a.decode_cpus,
+                                shard_size=a.shard_size,
                                 backend=a.backend, model_name=a.model_name, num_classes=a.num_classes,
                                 max_file_mb=a.max_file_mb)
     print(format_summary(summary))
@@ -365,7 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "model runs in half precision and channels_last")
     s.add_argument("--cpus-per-actor", type=float, default=1.0,
                    help="CPUs reserved by each model actor; on CPU also its torch threads (default 1). "
-                        "Decoding runs in separate 1-CPU tasks on the remaining CPUs")
+                        "Decoding runs in separate tasks on the remaining CPUs")
+    s.add_argument("--decode-cpus", type=float, default=1.0,
+                   help="CPUs reserved by each read+decode task (default 1); a fraction lets decoding share "
+                        "cores with CPU model actors, e.g. --cpus-per-actor 1.5 --decode-cpus 0.5 on 2 cores")
     s.add_argument("--shard-size", type=int, default=1000,
                    help="images per output part file, the unit of resuming (default 1000)")
     s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
