@@ -17,7 +17,8 @@ One run, the same files, model and eval transform for every side:
 Timing: images/s = images / wall seconds of the prediction itself. For (a) that is from creating the
 DataLoader iterator to the last batch; for (b) and (c) it is ``summary["seconds"]`` (from building the
 Dataset to the last part file written: actor start-up, which loads the model, is inside it; Ray's own
-start is not, and is printed apart). CPU utilisation = CPU seconds of this process and all its
+start is not, and is printed apart). "first rows" is the time until the first results came back (for
+(b)/(c): actor processes start, import torch and load the model) and "steady" is images/s after that. CPU utilisation = CPU seconds of this process and all its
 descendants (for Ray: raylet, GCS, workers and actors, all started by this process) over wall seconds x
 cores, read from /proc. The load average is printed before and after each side: this machine may be
 shared, so (a) runs a second time at the end and the baseline is the mean of its two runs.
@@ -133,12 +134,15 @@ def run_plain(checkpoint: str, paths: list[str], batch_size: int, workers: int) 
                                          num_workers=workers, shuffle=False)
     before = loadavg()
     cpu0, t0 = tree_cpu_seconds(os.getpid()), time.monotonic()
-    n = 0
+    n, first = 0, None
     for batch in loader:
         n += len(pred.predict_tensor_batch(batch, 5))
-    seconds = time.monotonic() - t0
+        first = first or (time.monotonic(), n)
+    end = time.monotonic()
+    seconds = end - t0
     cpu = tree_cpu_seconds(os.getpid()) - cpu0
-    return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "cpu_util": cpu / seconds / os.cpu_count(),
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "first_rows_s": first[0] - t0,
+            "steady_images_per_s": (n - first[1]) / (end - first[0]), "cpu_util": cpu / seconds / os.cpu_count(),
             "load_before": before, "load_after": loadavg(), "threads": torch.get_num_threads(), "workers": workers}
 
 
@@ -154,7 +158,7 @@ def run_ray(checkpoint: str, input_dir: str, output: str, *, concurrency: int, a
     cpu = tree_cpu_seconds(os.getpid()) - cpu0
     wall = s["total_seconds"]
     return {"images": s["predicted"], "seconds": s["seconds"], "images_per_s": s["images_per_s"],
-            "cpu_util": cpu / wall / os.cpu_count(), "load_before": before, "load_after": loadavg(),
+            "first_rows_s": s["first_rows_s"], "steady_images_per_s": s["steady_images_per_s"], "cpu_util": cpu / wall / os.cpu_count(), "load_before": before, "load_after": loadavg(),
             "actors": concurrency, "actor_cpus": actor_cpus, "decode_cpus": decode_cpus, "errors": s["errors"]}
 
 
@@ -214,14 +218,17 @@ def main() -> None:
     print("(a) plain, again", json.dumps(results["a2"]), flush=True)
 
     base = (results["a"]["images_per_s"] + results["a2"]["images_per_s"]) / 2
+    steady = (results["a"]["steady_images_per_s"] + results["a2"]["steady_images_per_s"]) / 2
     ratios = {"b/a": results["b"]["images_per_s"] / base, "c/a": results["c"]["images_per_s"] / base,
-              "c/b": results["c"]["images_per_s"] / results["b"]["images_per_s"]}
+              "c/b": results["c"]["images_per_s"] / results["b"]["images_per_s"],
+              "steady b/a": results["b"]["steady_images_per_s"] / steady,
+              "steady c/a": results["c"]["steady_images_per_s"] / steady}
     print(f"\nbaseline (a) {base:.1f} images/s (mean of two runs)")
     for key, label in (("a", "(a) plain loop"), ("b", "(b) predict, 1 actor"), ("c", f"(c) predict, {fit} actors"),
                        ("a2", "(a) plain loop, again")):
         r = results[key]
-        print(f"  {label:<26} {r['images_per_s']:7.1f} images/s  {r['seconds']:6.1f}s  "
-              f"CPU {100 * r['cpu_util']:5.1f}%  load {r['load_before']} -> {r['load_after']}")
+        print(f"  {label:<26} {r['images_per_s']:7.1f} images/s  {r['seconds']:6.1f}s  first rows "
+              f"{r['first_rows_s']:5.1f}s  steady {r['steady_images_per_s']:7.1f} images/s  CPU {100 * r['cpu_util']:5.1f}%  load {r['load_before']} -> {r['load_after']}")
     print("  ratios " + "  ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
     if a.json:
         Path(a.json).write_text(json.dumps({

@@ -260,16 +260,20 @@ def predict_to_output(checkpoint: str, input_uri: str, output_uri: str, *, fmt: 
         raise ConfigError(f"--num-gpus {num_gpus:g} / --cpus-per-actor {cpus_per_actor:g} / --decode-cpus "
                           f"{decode_cpus:g}: expected >= 0 (decode CPUs > 0)")
     t_start = time.monotonic()
+    # Absolute: on a joined cluster the actors run in another working folder (pitfalls-found.md, relative --checkpoint).
+    checkpoint = storage.normalize(checkpoint)
     entries = list_inputs(input_uri)
     shards = out.plan_shards([given for given, _, _ in entries], shard_size, fmt)
     todo = out.pending_shards(shards, out.committed_parts(output_uri), output_uri)
     summary = {"input": input_uri, "output": storage.normalize(output_uri), "format": fmt, "checkpoint": checkpoint,
                "backend": backend, "images": len(entries), "shards": len(shards),
                "skipped_shards": len(shards) - len(todo), "predicted": 0, "errors": 0, "seconds": 0.0,
-               "images_per_s": 0.0, "concurrency": concurrency, "num_gpus": num_gpus}
+               "images_per_s": 0.0, "first_rows_s": None, "steady_images_per_s": 0.0, "total_seconds": 0.0,
+               "concurrency": concurrency, "num_gpus": num_gpus}
     if not todo:
         log.info("predict: all %d shard(s) of %s are already in %s; nothing to do", len(shards), input_uri,
                  summary["output"])
+        summary["total_seconds"] = round(time.monotonic() - t_start, 3)
         return summary
     storage.preflight(output_uri, want="write")  # a wrong bucket or folder fails now, not after the first shard
     pred = _driver_predictor(checkpoint, backend=backend, model_name=model_name, num_classes=num_classes)
@@ -313,7 +317,9 @@ def _run_pipeline(todo: list[out.Shard], entries: list[tuple[str, str, int]], ou
     ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=decode_cpus,
                         fn_kwargs={"data_config": dict(data_config), "max_pixels": max_pixels, "max_bytes": max_bytes},
                         runtime_env=runtime_env)
-    ds = ds.map_batches(ModelActor, batch_size=batch_size, batch_format="numpy", concurrency=concurrency,
+    pool = (ray.data.ActorPoolStrategy(size=concurrency) if isinstance(concurrency, int)
+            else ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1]))
+    ds = ds.map_batches(ModelActor, batch_size=batch_size, batch_format="numpy", compute=pool,
                         num_gpus=num_gpus or None, num_cpus=cpus_per_actor, runtime_env=runtime_env,
                         fn_constructor_kwargs=dict(checkpoint=checkpoint, backend=backend, top_k=top_k,
                                                    device=device, num_threads=max(1, math.ceil(cpus_per_actor)),
@@ -322,7 +328,9 @@ def _run_pipeline(todo: list[out.Shard], entries: list[tuple[str, str, int]], ou
     by_index = {s.index: s for s in todo}
     buffers: dict[int, list[dict]] = {}
     predicted = errors = 0
+    first = None  # when the first rows came back: before it, actors start and load the model
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        first = first if first is not None else (time.monotonic(), batch.num_rows)
         for row in batch.to_pylist():
             shard = by_index[row["index"] // shard_size]
             rows = buffers.setdefault(shard.index, [])
@@ -334,9 +342,12 @@ def _run_pipeline(todo: list[out.Shard], entries: list[tuple[str, str, int]], ou
     if buffers:  # Ray Data lost rows: say so rather than leave a shard silently missing
         missing = sorted(buffers)
         raise DataError(f"shard(s) {missing[:5]} of {output_uri} did not receive all their rows; rerun to retry them")
-    seconds = time.monotonic() - t0
+    end = time.monotonic()
+    seconds = end - t0
+    steady = (predicted - first[1]) / (end - first[0]) if first and end > first[0] else 0.0
     return {"predicted": predicted, "errors": errors, "seconds": round(seconds, 3),
-            "images_per_s": round(predicted / seconds, 2) if seconds > 0 else 0.0}
+            "images_per_s": round(predicted / seconds, 2) if seconds > 0 else 0.0,
+            "first_rows_s": round(first[0] - t0, 3) if first else None, "steady_images_per_s": round(steady, 2)}
 
 
 def format_summary(summary: dict) -> str:

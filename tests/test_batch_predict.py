@@ -130,3 +130,16 @@ def test_killed_run_resumes_without_duplicates(cluster, run_dir, tmp_path):
     assert len(paths) == len(set(paths)) == 36
     assert set(paths) == {str(p) for p in images.rglob("*.png")}
     assert all(r["predicted_class"] == Path(r["path"]).parent.name and r["error"] == "" for r in rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_actor_agrees_with_cpu(cluster, run_dir, tmp_path):
+    """On a GPU (fp16, channels_last) the top-1 matches the CPU run; confidences within fp16 error."""
+    data = write_imagefolder(tmp_path / "data", per_class_train=1, per_class_val=3)
+    cpu = predict_to_output(run_dir, os.path.join(data, "val"), str(tmp_path / "cpu"), batch_size=4)
+    gpu = predict_to_output(run_dir, os.path.join(data, "val"), str(tmp_path / "gpu"), batch_size=4, num_gpus=1)
+    assert cpu["predicted"] == gpu["predicted"] == 9
+    for a, b in zip(out.read_output(str(tmp_path / "cpu")), out.read_output(str(tmp_path / "gpu"))):
+        assert (a["path"], a["predicted_class"]) == (b["path"], b["predicted_class"])
+        assert abs(a["confidence"] - b["confidence"]) < 1e-2
