@@ -18,10 +18,12 @@ Timing: images/s = images / wall seconds of the prediction itself. For (a) that 
 DataLoader iterator to the last batch; for (b) and (c) it is ``summary["seconds"]`` (from building the
 Dataset to the last part file written: actor start-up, which loads the model, is inside it; Ray's own
 start is not, and is printed apart). "first rows" is the time until the first results came back (for
-(b)/(c): actor processes start, import torch and load the model) and "steady" is images/s after that. CPU utilisation = CPU seconds of this process and all its
-descendants (for Ray: raylet, GCS, workers and actors, all started by this process) over wall seconds x
-cores, read from /proc. The load average is printed before and after each side: this machine may be
-shared, so (a) runs a second time at the end and the baseline is the mean of its two runs.
+(b)/(c): actor processes start, import torch and load the model); "steady" is images/s after that.
+CPU utilisation = CPU seconds of this process and all its descendants (for Ray: raylet, GCS, workers
+and actors, all started by this process) over wall seconds x cores, sampled from /proc every 0.5 s
+(for (b)/(c) over the whole call, the driver's model load included). The load average is printed
+before and after each side: this machine may be shared, so (a) runs a second time at the end and the
+baseline is the mean of its two runs.
 """
 from __future__ import annotations
 
@@ -49,8 +51,8 @@ def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """utime+stime (+ reaped children's) of root and every live descendant, from /proc."""
+def _proc_table() -> tuple[dict[int, int], dict[int, float]]:
+    """(parent of each pid, utime+stime seconds of each pid) from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
     parent, cpu = {}, {}
     for entry in os.listdir("/proc"):
@@ -62,16 +64,46 @@ def tree_cpu_seconds(root: int) -> float:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
         parent[int(entry)] = int(fields[1])
-        cpu[int(entry)] = sum(int(v) for v in fields[11:15]) / tick  # utime stime cutime cstime
-    total, todo = 0.0, [root]
+        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    return parent, cpu
+
+
+def tree_cpu(root: int) -> dict[int, float]:
+    """CPU seconds of root and each live descendant."""
+    parent, cpu = _proc_table()
     children: dict[int, list[int]] = {}
     for pid, ppid in parent.items():
         children.setdefault(ppid, []).append(pid)
+    found, todo = {}, [root]
     while todo:
         pid = todo.pop()
-        total += cpu.get(pid, 0.0)
+        found[pid] = cpu.get(pid, 0.0)
         todo.extend(children.get(pid, []))
-    return total
+    return found
+
+
+class CpuMeter:
+    """CPU seconds used by this process tree while it runs: /proc sampled every 0.5 s, so processes that
+    start and exit in between (Ray actors, DataLoader workers) count up to their last sample."""
+
+    def __init__(self, root: int):
+        import threading
+
+        self.root, self.first, self.last = root, tree_cpu(root), {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self.last.update(tree_cpu(self.root))
+
+    def stop(self) -> float:
+        """Stop sampling; the CPU seconds used since start."""
+        self._stop.set()
+        self._thread.join()
+        self.last.update(tree_cpu(self.root))
+        return sum(v - self.first.get(pid, 0.0) for pid, v in self.last.items())
 
 
 def make_jpegs(root: Path, n: int, size: tuple[int, int]) -> list[str]:
@@ -133,14 +165,14 @@ def run_plain(checkpoint: str, paths: list[str], batch_size: int, workers: int) 
     loader = torch.utils.data.DataLoader(_Files(paths, pred.transform, pred.max_pixels), batch_size=batch_size,
                                          num_workers=workers, shuffle=False)
     before = loadavg()
-    cpu0, t0 = tree_cpu_seconds(os.getpid()), time.monotonic()
+    meter, t0 = CpuMeter(os.getpid()), time.monotonic()
     n, first = 0, None
     for batch in loader:
         n += len(pred.predict_tensor_batch(batch, 5))
         first = first or (time.monotonic(), n)
     end = time.monotonic()
     seconds = end - t0
-    cpu = tree_cpu_seconds(os.getpid()) - cpu0
+    cpu = meter.stop()
     return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "first_rows_s": first[0] - t0,
             "steady_images_per_s": (n - first[1]) / (end - first[0]), "cpu_util": cpu / seconds / os.cpu_count(),
             "load_before": before, "load_after": loadavg(), "threads": torch.get_num_threads(), "workers": workers}
@@ -152,10 +184,10 @@ def run_ray(checkpoint: str, input_dir: str, output: str, *, concurrency: int, a
     from raytimm.batch_predict import predict_to_output
 
     before = loadavg()
-    cpu0 = tree_cpu_seconds(os.getpid())
+    meter = CpuMeter(os.getpid())
     s = predict_to_output(checkpoint, input_dir, output, fmt="parquet", concurrency=concurrency, batch_size=batch_size,
                           cpus_per_actor=actor_cpus, decode_cpus=decode_cpus, shard_size=500)
-    cpu = tree_cpu_seconds(os.getpid()) - cpu0
+    cpu = meter.stop()
     wall = s["total_seconds"]
     return {"images": s["predicted"], "seconds": s["seconds"], "images_per_s": s["images_per_s"],
             "first_rows_s": s["first_rows_s"], "steady_images_per_s": s["steady_images_per_s"], "cpu_util": cpu / wall / os.cpu_count(), "load_before": before, "load_after": loadavg(),

@@ -280,6 +280,9 @@ def predict_to_output(checkpoint: str, input_uri: str, output_uri: str, *, fmt: 
     names = list(class_names) if class_names else None
     if names and len(names) != pred.num_classes:
         raise ConfigError(f"{len(names)} class names given for a model with {pred.num_classes} classes")
+    if backend == "torch" and pred.source:
+        # Every actor loads the checkpoint the driver resolved, even if a run's `best` pointer moves meanwhile.
+        checkpoint = summary["checkpoint"] = pred.source
     started = init_ray()
     try:
         counts = _run_pipeline(todo, entries, output_uri, fmt=fmt, shard_size=shard_size,
