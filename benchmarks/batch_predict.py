@@ -23,7 +23,8 @@ CPU utilisation = CPU seconds of this process and all its descendants (for Ray: 
 and actors, all started by this process) over wall seconds x cores, sampled from /proc every 0.5 s
 (for (b)/(c) over the whole call, the driver's model load included). The load average is printed
 before and after each side: this machine may be shared, so (a) runs a second time at the end and the
-baseline is the mean of its two runs.
+baseline is the mean of its two runs. On a loaded machine, images/s follows the CPU share the scheduler gave
+each side; images per CPU-second (images / CPU seconds of the tree) compares the work each side needs.
 """
 from __future__ import annotations
 
@@ -174,7 +175,8 @@ def run_plain(checkpoint: str, paths: list[str], batch_size: int, workers: int) 
     seconds = end - t0
     cpu = meter.stop()
     return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "first_rows_s": first[0] - t0,
-            "steady_images_per_s": (n - first[1]) / (end - first[0]), "cpu_util": cpu / seconds / os.cpu_count(),
+            "steady_images_per_s": (n - first[1]) / (end - first[0]), "cpu_s": cpu, "images_per_cpu_s": n / cpu,
+            "cpu_util": cpu / seconds / os.cpu_count(),
             "load_before": before, "load_after": loadavg(), "threads": torch.get_num_threads(), "workers": workers}
 
 
@@ -190,7 +192,9 @@ def run_ray(checkpoint: str, input_dir: str, output: str, *, concurrency: int, a
     cpu = meter.stop()
     wall = s["total_seconds"]
     return {"images": s["predicted"], "seconds": s["seconds"], "images_per_s": s["images_per_s"],
-            "first_rows_s": s["first_rows_s"], "steady_images_per_s": s["steady_images_per_s"], "cpu_util": cpu / wall / os.cpu_count(), "load_before": before, "load_after": loadavg(),
+            "first_rows_s": s["first_rows_s"], "steady_images_per_s": s["steady_images_per_s"], "cpu_s": cpu,
+            "images_per_cpu_s": s["predicted"] / cpu, "total_seconds": wall, "cpu_util": cpu / wall / os.cpu_count(),
+            "load_before": before, "load_after": loadavg(),
             "actors": concurrency, "actor_cpus": actor_cpus, "decode_cpus": decode_cpus, "errors": s["errors"]}
 
 
@@ -251,16 +255,21 @@ def main() -> None:
 
     base = (results["a"]["images_per_s"] + results["a2"]["images_per_s"]) / 2
     steady = (results["a"]["steady_images_per_s"] + results["a2"]["steady_images_per_s"]) / 2
+    per_cpu = (results["a"]["images_per_cpu_s"] + results["a2"]["images_per_cpu_s"]) / 2
     ratios = {"b/a": results["b"]["images_per_s"] / base, "c/a": results["c"]["images_per_s"] / base,
               "c/b": results["c"]["images_per_s"] / results["b"]["images_per_s"],
               "steady b/a": results["b"]["steady_images_per_s"] / steady,
-              "steady c/a": results["c"]["steady_images_per_s"] / steady}
+              "steady c/a": results["c"]["steady_images_per_s"] / steady,
+              "per-CPU-s b/a": results["b"]["images_per_cpu_s"] / per_cpu,
+              "per-CPU-s c/a": results["c"]["images_per_cpu_s"] / per_cpu}
     print(f"\nbaseline (a) {base:.1f} images/s (mean of two runs)")
     for key, label in (("a", "(a) plain loop"), ("b", "(b) predict, 1 actor"), ("c", f"(c) predict, {fit} actors"),
                        ("a2", "(a) plain loop, again")):
         r = results[key]
         print(f"  {label:<26} {r['images_per_s']:7.1f} images/s  {r['seconds']:6.1f}s  first rows "
-              f"{r['first_rows_s']:5.1f}s  steady {r['steady_images_per_s']:7.1f} images/s  CPU {100 * r['cpu_util']:5.1f}%  load {r['load_before']} -> {r['load_after']}")
+              f"{r['first_rows_s']:5.1f}s  steady {r['steady_images_per_s']:7.1f} images/s  "
+              f"{r['images_per_cpu_s']:5.1f} images/CPU-s  CPU {100 * r['cpu_util']:5.1f}%  "
+              f"load {r['load_before']} -> {r['load_after']}")
     print("  ratios " + "  ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
     if a.json:
         Path(a.json).write_text(json.dumps({
