@@ -97,6 +97,7 @@ class Ingress:
         token_value = token.get_secret_value() if isinstance(token, SecretStr) else None
         self._token = (token_value or os.environ.get(API_TOKEN_ENV) or "").encode() or None
         # training_api: TrainingService's arguments (app.py), None when the API is off.
+        self._training_api = training_api is not None
         training.install(training.TrainingService(**training_api) if training_api else None, self._check_auth)
         page.install(auth_required=self._token is not None, training=training_api is not None)
         self._allow: list = []
@@ -256,7 +257,10 @@ class Ingress:
     async def openapi_json(self, request: Request):
         """The OpenAPI document (multipart forms, answers, error bodies), behind the API token."""
         with self._accepted(request):
-            return with_security_scheme(app.openapi())
+            doc = with_security_scheme(app.openapi())
+            if not self._training_api:  # the /training routes answer 404 then: not part of this server's API
+                doc = dict(doc, paths={p: v for p, v in doc["paths"].items() if not p.startswith("/training")})
+            return doc
 
     @app.get("/model", responses=MODEL_RESPONSES, openapi_extra=AUTH_ONLY)
     async def model(self, request: Request):
