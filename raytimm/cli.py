@@ -39,8 +39,22 @@ def _write_json(path: str | None, payload: dict) -> None:
 # ------------------------------------------------------------------ subcommands
 
 def cmd_demo_data(a: argparse.Namespace) -> int:
-    from raytimm.data.demo import make_demo_dataset, make_demo_dice
+    from raytimm.data.demo import make_demo_dataset, make_demo_dice, make_demo_multilabel
 
+    if a.multi_label:
+        fmt = a.format or "manifest"
+        if fmt == "imagefolder":
+            raise RaytimmError("--multi-label writes --format manifest (default) or dice: class folders cannot "
+                               "hold a set of labels per image")
+        images = a.classes * a.per_class
+        path = make_demo_multilabel(a.output, classes=a.classes, images=images, size=a.size or 64, seed=a.seed,
+                                    format=fmt)
+        print(f"wrote multi-label demo dataset ({fmt}, {a.classes} labels, {images} images with 1-3 shapes, "
+              f"{a.size or 64}px): {path}")
+        return 0
+    a.format, a.size = a.format or "imagefolder", a.size or 48
+    if a.format == "manifest":
+        raise RaytimmError("--format manifest is for the multi-label demo: add --multi-label")
     if a.format == "dice":
         root = make_demo_dice(a.output, classes=a.classes, per_class=a.per_class, size=a.size, seed=a.seed)
     else:
@@ -54,14 +68,21 @@ def cmd_convert_dice(a: argparse.Namespace) -> int:
 
     # convert_dice prints one warning per skipped entry and the summary itself.
     convert_dice(a.input, a.output, split_ratio=a.split_ratio, strategy=a.strategy,
-                 split_file=a.split_file, seed=a.seed, link=a.link)
+                 split_file=a.split_file, seed=a.seed, link=a.link, multi_label=a.multi_label)
     return 0
 
 
 def cmd_dataset_report(a: argparse.Namespace) -> int:
     from raytimm.data.folder import format_report, scan_imagefolder
+    from raytimm.data.manifest import is_manifest, scan_manifest
 
-    scan = scan_imagefolder(a.data, split_ratio=a.split_ratio, seed=a.seed)
+    if is_manifest(a.data):
+        scan = scan_manifest(a.data, multi_label=a.multi_label, split_ratio=a.split_ratio, seed=a.seed)
+    elif a.multi_label:
+        raise RaytimmError(f"--multi-label needs a manifest .csv as --data (got {a.data}); "
+                           "`raytimm convert dice --multi-label` writes one from a DICE export")
+    else:
+        scan = scan_imagefolder(a.data, split_ratio=a.split_ratio, seed=a.seed)
     print(format_report(scan))
     return 0
 
@@ -171,10 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, help="folder to create")
     s.add_argument("--classes", type=int, default=4, help="number of classes (default 4, max 10)")
     s.add_argument("--per-class", type=int, default=64, help="images per class (default 64)")
-    s.add_argument("--size", type=int, default=48, help="image side in pixels (default 48)")
+    s.add_argument("--size", type=int, help="image side in pixels (default 48; multi-label 64)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument("--format", choices=["imagefolder", "dice"], default="imagefolder",
-                   help="ImageFolder tree (default) or a DICE export")
+    s.add_argument("--format", choices=["imagefolder", "dice", "manifest"],
+                   help="ImageFolder tree (default), a DICE export, or (multi-label) images + labels.csv (default)")
+    s.add_argument("--multi-label", action="store_true",
+                   help="1-3 shapes per image, labels = the shapes drawn; classes x per-class images")
     s.set_defaults(func=cmd_demo_data)
 
     s = sub.add_parser("convert", help="convert a dataset export into an ImageFolder tree")
@@ -192,10 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--split-file", help="with --strategy file: text file listing the training images")
     c.add_argument("--seed", type=int, default=42, help="split seed (default 42)")
     c.add_argument("--link", action="store_true", help="hard-link images instead of copying (large datasets)")
+    c.add_argument("--multi-label", action="store_true",
+                   help="every shape's label counts: write images/ + manifest.csv (file,labels,split)")
     c.set_defaults(func=cmd_convert_dice)
 
-    s = sub.add_parser("dataset-report", help="scan an ImageFolder and print class counts and bad files")
-    s.add_argument("--data", required=True, help="ImageFolder root (train/ and optional val/)")
+    s = sub.add_parser("dataset-report", help="scan a dataset and print class counts and bad files")
+    s.add_argument("--data", required=True, help="ImageFolder root (train/ and optional val/), or a manifest .csv")
+    s.add_argument("--multi-label", action="store_true",
+                   help="the manifest is multi-label: per-label counts and co-occurrence")
     s.add_argument("--split-ratio", type=float, default=0.8, help="train fraction when there is no val/ (default 0.8)")
     s.add_argument("--seed", type=int, default=42, help="split seed when there is no val/ (default 42)")
     s.set_defaults(func=cmd_dataset_report)

@@ -282,6 +282,10 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, *, split: str = "val
     root = _stage_data(str(data_uri), cache_dir)
     pred = predictor or Predictor.from_checkpoint(checkpoint_uri, model_name=model_name, num_classes=num_classes,
                                                   device=device, batch_size=batch_size)
+    if pred.meta.get("multi_label"):
+        # Top-1 and a confusion matrix would silently misjudge a multi-label model.
+        raise CheckpointError(f"{pred.source} is a multi-label checkpoint; `raytimm evaluate` scores single-label "
+                              f"checkpoints only (multi-label evaluation is not supported yet)")
     classes, samples = _split_samples(root, split, pred.meta)
     if pred.kind == "legacy_pt" and pred.class_names == [str(i) for i in range(pred.num_classes)]:
         if len(classes) != pred.num_classes:
