@@ -27,8 +27,6 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import timm
-import timm.data
-import timm.loss
 import timm.optim
 import timm.scheduler
 import timm.utils
@@ -38,8 +36,9 @@ from torch.utils.data import DataLoader
 
 from raytimm import distributed as dist_utils
 from raytimm import runs
-from raytimm.data.loaders import auto_pos_weight, build_loaders, class_weights, prepare_dataset_root, scan_dataset
+from raytimm.data.loaders import build_loaders, prepare_dataset_root, scan_dataset
 from raytimm.errors import ConfigError, DataError
+from raytimm.losses import auto_pos_weight, build_losses, class_weights
 from raytimm.metrics import ClassificationSums, MultiLabelScores, per_class_accuracy
 from raytimm.model import build_model, unwrap_model
 
@@ -152,32 +151,6 @@ def build_scheduler(optimizer, *, sched: str, epochs: int, warmup_epochs: int, w
     except (ValueError, AssertionError) as e:
         raise ConfigError(f"train.sched={sched!r}: {e} (try cosine, step, multistep, plateau, poly, tanh)") from e
     return scheduler
-
-
-def build_losses(*, num_classes: int, label_smoothing: float, mixup: float, cutmix: float, mixup_prob: float,
-                 multi_label: bool = False, pos_weight: Optional[list[float]] = None,
-                 class_weight: Optional[list[float]] = None):
-    """(train loss, mixup fn or None).
-
-    Single-label: timm Mixup/CutMix with soft-target CE, else CE with smoothing (and ``class_weight``).
-    Multi-label: timm's BinaryCrossEntropy on logits (``pos_weight`` per label); Mixup/CutMix mix the
-    multi-hot targets (timm's ``multi_label`` mode), smoothing each label towards 0.5 as the loss does
-    without mixing.
-    """
-    mixing = mixup > 0 or cutmix > 0
-    mixup_fn = None
-    if mixing:
-        mixup_fn = timm.data.Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob,
-                                   label_smoothing=label_smoothing, num_classes=num_classes, multi_label=multi_label)
-    if multi_label:
-        weight = torch.tensor(pos_weight, dtype=torch.float32) if pos_weight is not None else None
-        # With mixing, the mixed targets are smoothed already (as timm's train.py does).
-        return timm.loss.BinaryCrossEntropy(smoothing=0.0 if mixing else label_smoothing, pos_weight=weight,
-                                            smooth_dense=True), mixup_fn
-    if mixing:
-        return timm.loss.SoftTargetCrossEntropy(), mixup_fn
-    weight = torch.tensor(class_weight, dtype=torch.float32) if class_weight is not None else None
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing), None
 
 
 def _mean_lr(optimizer) -> float:

@@ -6,14 +6,8 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from raytimm.data.loaders import (
-    POS_WEIGHT_RANGE,
-    ClassBalancedDistributedSampler,
-    auto_pos_weight,
-    build_loaders,
-    class_weights,
-)
-from raytimm.engine import build_losses
+from raytimm.data.loaders import ClassBalancedDistributedSampler, build_loaders
+from raytimm.losses import POS_WEIGHT_RANGE, auto_pos_weight, build_losses, class_weights
 
 # 10:3:1 imbalance over 140 samples
 LABELS = [0] * 100 + [1] * 30 + [2] * 10

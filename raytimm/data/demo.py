@@ -85,24 +85,29 @@ def make_demo_dice(
     (root / "annotations").mkdir()
     for name, _, stem, image, box in _demo_images(classes, per_class, size, seed):
         image.save(root / "images" / f"{stem}.png")
-        annotation = {
-            "version": "5.4.1",
-            "flags": {},
-            "shapes": [{
-                "label": name,
-                "points": [[box[0], box[1]], [box[2], box[3]]],
-                "group_id": None,
-                "description": "",
-                "shape_type": "rectangle",
-                "flags": {},
-            }],
-            "imagePath": f"{stem}.png",
-            "imageData": None,
-            "imageHeight": size,
-            "imageWidth": size,
-        }
-        (root / "annotations" / f"{stem}.json").write_text(json.dumps(annotation, indent=1), encoding="utf-8")
+        _write_annotation(root, stem, [(name, box)], size)
     return str(root)
+
+
+def _write_annotation(root: Path, stem: str, shapes: list[tuple[str, list[float]]], size: int) -> None:
+    """annotations/<stem>.json in labelme's format: one rectangle per (label, box)."""
+    annotation = {
+        "version": "5.4.1",
+        "flags": {},
+        "shapes": [{
+            "label": label,
+            "points": [[box[0], box[1]], [box[2], box[3]]],
+            "group_id": None,
+            "description": "",
+            "shape_type": "rectangle",
+            "flags": {},
+        } for label, box in shapes],
+        "imagePath": f"{stem}.png",
+        "imageData": None,
+        "imageHeight": size,
+        "imageWidth": size,
+    }
+    (root / "annotations" / f"{stem}.json").write_text(json.dumps(annotation, indent=1), encoding="utf-8")
 
 
 def make_demo_multilabel(
@@ -140,11 +145,7 @@ def make_demo_multilabel(
         labels = [names[c] for c in drawn]
         rows.append((f"images/{stem}.png", labels, None))
         if format == "dice":
-            shapes = [{"label": label, "points": [[b[0], b[1]], [b[2], b[3]]], "group_id": None, "description": "",
-                       "shape_type": "rectangle", "flags": {}} for label, b in zip(labels, boxes)]
-            annotation = {"version": "5.4.1", "flags": {}, "shapes": shapes, "imagePath": f"{stem}.png",
-                          "imageData": None, "imageHeight": size, "imageWidth": size}
-            (root / "annotations" / f"{stem}.json").write_text(json.dumps(annotation, indent=1), encoding="utf-8")
+            _write_annotation(root, stem, list(zip(labels, boxes)), size)
     (root / "classes.txt").write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
     if format == "dice":
         return str(root)

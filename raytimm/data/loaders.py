@@ -69,27 +69,6 @@ class ClassBalancedDistributedSampler(DistributedSampler):
         return self.num_samples
 
 
-def class_weights(labels: Sequence[int], num_classes: int) -> list[float]:
-    """Inverse class frequency normalised to mean 1 over the classes (``data.balance: loss``)."""
-    counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_classes).double()
-    inverse = torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))
-    return (inverse * num_classes / inverse.sum()).tolist()
-
-
-# pos_weight=auto is clipped to this range: a label seen once in train would otherwise weigh thousands.
-POS_WEIGHT_RANGE = (0.01, 100.0)
-
-
-def auto_pos_weight(label_sets: Sequence[Sequence[int]], num_labels: int) -> list[float]:
-    """negatives / positives per label over the train split, clipped to POS_WEIGHT_RANGE (``train.pos_weight: auto``)."""
-    positives = torch.zeros(num_labels, dtype=torch.float64)
-    for s in label_sets:
-        positives[list(set(s))] += 1
-    negatives = len(label_sets) - positives
-    ratio = torch.where(positives > 0, negatives / positives.clamp(min=1), torch.full_like(positives, POS_WEIGHT_RANGE[1]))
-    return ratio.clamp(*POS_WEIGHT_RANGE).tolist()
-
-
 def stage_dataset(path: str, cache_dir: str, *, endpoint_url: Optional[str] = None,
                   region: Optional[str] = None) -> str:
     """A remote dataset URI mirrored once into ``<cache_dir>/datasets`` on this node; a local path as given."""
