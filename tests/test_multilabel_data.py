@@ -225,3 +225,34 @@ def test_demo_data_cli_and_dataset_report(tmp_path, capsys):
     assert main(["demo-data", "--output", str(tmp_path / "x"), "--multi-label", "--format", "imagefolder"]) == 2
     assert "class folders cannot hold a set" in capsys.readouterr().err
     assert main(["dataset-report", "--data", str(tmp_path / "ml"), "--multi-label"]) == 2
+
+
+def test_convert_dice_cli_multi_label(tmp_path):
+    dice = make_demo_multilabel(tmp_path / "d", classes=3, images=12, size=32, format="dice")
+    assert main(["convert", "dice", "--input", dice, "--output", str(tmp_path / "out"), "--multi-label"]) == 0
+    scan = scan_manifest(tmp_path / "out" / MULTILABEL_MANIFEST, multi_label=True)
+    assert len(scan.train) + len(scan.val) == 12 and max(len(t) for _, t in scan.train + scan.val) >= 2
+
+
+@pytest.mark.s3
+def test_a_manifest_in_a_bucket_is_staged_with_its_folder(s3_env, tmp_path):
+    from raytimm import storage
+    from raytimm.config import load_config
+    from raytimm.data.loaders import prepare_dataset_root, scan_dataset
+    from raytimm.errors import ConfigError
+    from raytimm.ray_train import preflight
+
+    csv = make_demo_multilabel(tmp_path / "ml", classes=3, images=20, size=32, seed=4)
+    storage.upload(str(tmp_path / "ml"), s3_env.uri("datasets/ml"))
+    storage.write_text(s3_env.uri("datasets/other/x.png"), "not part of the dataset")
+    cfg = load_config(None, [f"data.path={s3_env.uri('datasets/ml/labels.csv')}", "data.format=manifest",
+                             "data.multi_label=true", f"data.cache_dir={tmp_path / 'cache'}"])
+    preflight(cfg)  # finds the images in the CSV's folder
+    local = prepare_dataset_root(cfg)
+    assert local.endswith("/labels.csv") and local.startswith(str(tmp_path / "cache"))
+    assert not any("other" in p.parts for p in Path(tmp_path / "cache").rglob("*"))
+    staged, original = scan_dataset(local, cfg), scan_manifest(csv, multi_label=True)
+    assert sorted((Path(p).name, t) for p, t in staged.train) == sorted((Path(p).name, t) for p, t in original.train)
+    with pytest.raises(ConfigError, match=r"data.path=.*must name a .csv file"):
+        prepare_dataset_root(load_config(None, [f"data.path={s3_env.uri('datasets/ml')}", "data.format=manifest",
+                                                f"data.cache_dir={tmp_path / 'cache'}"]))
