@@ -36,6 +36,7 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
 TRAIN_STATE_FILE = "train_state.pt"
+ONNX_FILE = "model.onnx"  # an ONNX export folder (raytimm.export) has this instead of model.safetensors
 BEST_POINTER = "best"
 LATEST_POINTER = "latest"
 # Run folder -> tune folder -> trial run folder -> checkpoint is the deepest chain we produce.
@@ -44,7 +45,8 @@ MAX_POINTER_DEPTH = 3
 
 @dataclass(frozen=True)
 class ResolvedCheckpoint:
-    """A concrete checkpoint: ``kind`` is ``"folder"`` (safetensors + meta) or ``"legacy_pt"``."""
+    """A concrete checkpoint: ``kind`` is ``"folder"`` (safetensors + meta), ``"onnx"`` (an export folder:
+    model.onnx + meta.json) or ``"legacy_pt"``."""
 
     kind: str
     uri: str
@@ -70,10 +72,7 @@ def is_remote_uri(uri: str) -> bool:
 
 def _local_path(uri: str | os.PathLike) -> Path:
     """Local path for a plain path or file:// URI."""
-    s = os.fspath(uri)
-    if s.startswith("file://"):
-        s = s[len("file://"):]
-    return Path(s).expanduser()
+    return Path(storage.local_path(uri))
 
 
 def join_uri(base: str, name: str) -> str:
@@ -418,7 +417,7 @@ def resolve_checkpoint(uri: str | os.PathLike, *, _depth: int = 0) -> ResolvedCh
             raise CheckpointNotFound(f"checkpoint not found: {uri}")
         return ResolvedCheckpoint("legacy_pt", uri)
     # A file inside a checkpoint folder (meta.json / model.safetensors) means its folder.
-    if uri.endswith("/" + META_FILE) or uri.endswith("/" + MODEL_FILE):
+    if uri.endswith(("/" + META_FILE, "/" + MODEL_FILE, "/" + ONNX_FILE)):
         return resolve_checkpoint(uri.rsplit("/", 1)[0], _depth=_depth)
 
     if not remote and not _local_path(uri).exists():
@@ -428,6 +427,8 @@ def resolve_checkpoint(uri: str | os.PathLike, *, _depth: int = 0) -> ResolvedCh
                               "give a checkpoint folder, a run folder or a .pt file")
 
     if _exists(join_uri(uri, META_FILE)):
+        if not _exists(join_uri(uri, MODEL_FILE)) and _exists(join_uri(uri, ONNX_FILE)):
+            return ResolvedCheckpoint("onnx", uri)
         if not _exists(join_uri(uri, MODEL_FILE)):
             raise CheckpointError(f"checkpoint {uri} is incomplete: {MODEL_FILE} is missing")
         return ResolvedCheckpoint("folder", uri)

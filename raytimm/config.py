@@ -48,6 +48,8 @@ class DataSection:
     split_seed: int = _f(42, "Seed of the train/val split when there is no val/ folder.")
     num_workers: int = _f(2, "DataLoader worker processes per training worker.")
     cache_dir: str = _f("~/.cache/raytimm", "Node-local cache for staged datasets, DICE conversions and weights.")
+    cache_max_gb: float = _f(50.0, "Size limit (GB) of the cache's staged datasets and DICE conversions: after a new "
+                                   "one, the least recently used entries not in use are removed. Must be > 0.")
     max_image_pixels: int = _f(64_000_000, "Images with more pixels are refused (decompression-bomb guard).")
     verify_images: bool = _f(True, "Open every image header at scan time so unreadable files are reported, not crashed on.")
     rrc: bool = _f(True, "Train augmentation: RandomResizedCrop (else a plain resize to the input size).")
@@ -60,6 +62,8 @@ class DataSection:
         _check(0.0 < self.split_ratio < 1.0, f"{p}.split_ratio", self.split_ratio, "a number in (0, 1)")
         _check(self.num_workers >= 0, f"{p}.num_workers", self.num_workers, ">= 0")
         _check(self.max_image_pixels > 0, f"{p}.max_image_pixels", self.max_image_pixels, "> 0")
+        _check(self.cache_max_gb > 0, f"{p}.cache_max_gb", self.cache_max_gb,
+               "a size in GB > 0 (`raytimm cache prune --all` empties the cache)")
         for key in ("rrc_scale", "rrc_ratio"):
             v = getattr(self, key)
             _check(len(v) == 2 and 0 < v[0] <= v[1], f"{p}.{key}", v, "[min, max] with 0 < min <= max")
@@ -479,22 +483,35 @@ def set_dotted(cfg: Config, key: str, value: Any) -> Config:
     return config_from_dict(d, source=f"key {key}")
 
 
+def _read_text(path: str, what: str) -> str:
+    """A config or request file's text: a local path, or an s3:// / r2:// URI (how the training API's jobs
+    read theirs); ConfigError naming it when it is missing or not UTF-8."""
+    from raytimm import storage  # stdlib-only at import; boto3 loads on first remote use
+
+    try:
+        if storage.is_remote(path):
+            if not storage.exists(path):
+                raise ConfigError(f"{what} {path!r} does not exist")
+            return storage.read_bytes(path).decode("utf-8")
+        if not Path(path).is_file():
+            raise ConfigError(f"{what} {path!r} does not exist")
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path!r} is not UTF-8 text") from None
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML config (or defaults when path is None) and apply overrides."""
     d: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
+        p = str(path)
         try:
-            d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            d = yaml.safe_load(_read_text(p, "config file")) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config file {str(p)!r}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file {str(p)!r} is not UTF-8 text") from None
-        cfg = config_from_dict(d, source=str(p))
+            raise ConfigError(f"config file {p!r}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        cfg = config_from_dict(d, source=p)
     else:
         cfg = Config()
     if overrides:
@@ -581,15 +598,13 @@ def request_to_config(req: dict, *, source: str = "request", base: Config | None
 def load_training_request(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
                           base_config: str | None = None) -> Config:
     """Load the platform's TrainingRequest JSON file as a Config."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"request file {str(p)!r} does not exist")
+    p = str(path)
     try:
-        req = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"request file {str(p)!r}: invalid JSON ({e})") from None
+        req = json.loads(_read_text(p, "request file"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"request file {p!r}: invalid JSON ({e})") from None
     base = load_config(base_config) if base_config else None
-    cfg = request_to_config(req, source=str(p), base=base)
+    cfg = request_to_config(req, source=p, base=base)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
     return cfg

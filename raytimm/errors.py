@@ -35,3 +35,7 @@ class CheckpointError(RaytimmError):
 
 class CheckpointNotFound(CheckpointError):
     """No checkpoint exists at the given URI."""
+
+
+class ExportError(RaytimmError):
+    """A model could not be exported, or the export does not reproduce the PyTorch model's outputs."""

@@ -236,9 +236,7 @@ def absolutize_paths(cfg: Config) -> Config:
     def fix(p: Optional[str]) -> Optional[str]:
         if not p or storage.is_remote(p):
             return p
-        if p.startswith("file://"):
-            p = p[len("file://"):]
-        return os.path.abspath(os.path.expanduser(p))
+        return os.path.abspath(storage.local_path(p))
 
     def node_local(p: str) -> str:
         # `~` and `$VAR` name each node's own disk: the worker expands them (train_loop_per_worker).
@@ -256,7 +254,7 @@ def absolutize_paths(cfg: Config) -> Config:
 def preflight(cfg: Config) -> None:
     """Fail before any worker starts: storage reachable and writable, data present and sane."""
     if storage.is_remote(cfg.storage.path):
-        storage.preflight(cfg.storage.path, want="write", endpoint_url=cfg.storage.endpoint_url)
+        storage.preflight(cfg.storage.path, want="write")
     if not cfg.data.path:
         raise RaytimmError("data.path is empty: point it at an ImageFolder, DICE export or manifest CSV "
                            "(local, s3:// or r2://)")
@@ -266,7 +264,7 @@ def preflight(cfg: Config) -> None:
     if storage.is_remote(cfg.data.path):
         # A manifest's images lie in its folder: that is the dataset to find.
         target = manifest_folder(cfg.data.path)[0] if manifest else cfg.data.path
-        storage.preflight(target, want="dataset", endpoint_url=cfg.storage.endpoint_url)
+        storage.preflight(target, want="dataset")
         return
     if not (os.path.isfile if manifest else os.path.isdir)(cfg.data.path):
         raise RaytimmError(f"data.path {cfg.data.path!r} is not a {'file' if manifest else 'folder'}")
@@ -298,8 +296,7 @@ def build_trainer(cfg: Config, *, run_name: str, callbacks: list, train_loop=Non
 
     ``train_loop`` replaces ``train_loop_per_worker`` (tests wrap it to inspect each rank).
     """
-    fs, fs_path = storage.get_filesystem(cfg.storage.path, endpoint_url=cfg.storage.endpoint_url,
-                                         region=cfg.storage.region)
+    fs, fs_path = storage.get_filesystem(cfg.storage.path)
     run_config = RunConfig(
         name=run_name,
         storage_path=fs_path,

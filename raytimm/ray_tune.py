@@ -133,6 +133,7 @@ def tune(cfg: Config) -> TuneResult:
                                                                   mode=cfg.tune.mode))
     tune_name = cfg.tune.name or default_tune_name(cfg)
     tune_dir = storage.join(cfg.storage.path, tune_name)
+    storage.configure(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
     preflight(cfg)  # once for the sweep; trial drivers skip it
     tracking_uri = None
     if cfg.mlflow.enabled:
@@ -186,8 +187,7 @@ def _make_tuner(cfg: Config, dims: Sequence[Dimension], tune_name: str, tune_dir
 
     from raytimm import storage
 
-    fs, fs_path = storage.get_filesystem(cfg.storage.path, endpoint_url=cfg.storage.endpoint_url,
-                                         region=cfg.storage.region)
+    fs, fs_path = storage.get_filesystem(cfg.storage.path)
     trainable = rtune.with_parameters(_trial_driver, base=config_to_dict(cfg), tune_dir=tune_dir,
                                       tracking_uri=tracking_uri, parent_run_id=parent_run_id)
     # The driver only waits on its TorchTrainer; a zero-CPU request must name some resource

@@ -132,8 +132,7 @@ def to_keep(entries: Sequence[tuple[int, Optional[Mapping]]], *, metric: str, mo
 
 # ------------------------------------------------------------------ checkpoints in the folder
 
-def list_checkpoints(run_dir_uri: str, *, endpoint_url: Optional[str] = None,
-                     region: Optional[str] = None) -> list[tuple[str, int, bool]]:
+def list_checkpoints(run_dir_uri: str) -> list[tuple[str, int, bool]]:
     """(URI, epoch, complete) of every ``checkpoint_NNNNNN`` folder in the run folder, oldest first.
 
     The folder is the truth: a checkpoint is complete when model.safetensors and meta.json are there.
@@ -141,7 +140,7 @@ def list_checkpoints(run_dir_uri: str, *, endpoint_url: Optional[str] = None,
     from raytimm.checkpoint import META_FILE, MODEL_FILE
 
     files: dict[str, set] = {}
-    for f in storage.list_files(run_dir_uri, endpoint_url=endpoint_url, region=region):
+    for f in storage.list_files(run_dir_uri):
         parts = f.key.split("/")
         if len(parts) == 2 and checkpoint_epoch(parts[0]) is not None:
             files.setdefault(parts[0], set()).add(parts[1])

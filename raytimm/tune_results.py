@@ -108,8 +108,7 @@ def _trial_id(result) -> str:
     return base[len("tune_"):] if base.startswith("tune_") else base
 
 
-def trial_checkpoints(run_dir: str, *, endpoint_url: Optional[str] = None,
-                      region: Optional[str] = None) -> list[tuple[str, dict]]:
+def trial_checkpoints(run_dir: str) -> list[tuple[str, dict]]:
     """(URI, metrics) of every complete checkpoint in a trial's run folder, oldest first.
 
     The folder is the truth: ASHA kills a trial's driver between epochs, so the trial's own
@@ -119,7 +118,7 @@ def trial_checkpoints(run_dir: str, *, endpoint_url: Optional[str] = None,
     from raytimm.checkpoint import load_meta
 
     out = []
-    for uri, _, complete in runs.list_checkpoints(run_dir, endpoint_url=endpoint_url, region=region):
+    for uri, _, complete in runs.list_checkpoints(run_dir):
         if not complete:
             continue  # still being written, or torn by a kill
         try:
@@ -152,7 +151,7 @@ def summarize(grid, cfg: Config, dims: Sequence[Dimension], tune_dir: str,
     for r in grid:
         tid = _trial_id(r)
         run_dir = storage.join(tune_dir, f"{TRIAL_PREFIX}{tid}")
-        ckpts = trial_checkpoints(run_dir, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+        ckpts = trial_checkpoints(run_dir)
         seen = int((r.metrics or {}).get("epoch") or 0)
         if seen:
             # A stopped trial's workers often finish one more epoch before the kill lands; the

@@ -69,15 +69,13 @@ class ClassBalancedDistributedSampler(DistributedSampler):
         return self.num_samples
 
 
-def stage_dataset(path: str, cache_dir: str, *, endpoint_url: Optional[str] = None,
-                  region: Optional[str] = None) -> str:
+def stage_dataset(path: str, cache_dir: str, *, max_gb: Optional[float] = None) -> str:
     """A remote dataset URI mirrored once into ``<cache_dir>/datasets`` on this node; a local path as given."""
     from raytimm import storage
 
     if not storage.is_remote(path):
         return path
-    return storage.stage(path, os.path.join(os.path.expanduser(cache_dir), "datasets"), endpoint_url=endpoint_url,
-                         region=region)
+    return storage.stage(path, os.path.join(os.path.expanduser(cache_dir), "datasets"), max_gb=max_gb)
 
 
 def prepare_dataset_root(cfg) -> str:
@@ -97,15 +95,15 @@ def prepare_dataset_root(cfg) -> str:
     try:
         if cfg.data.format == "manifest":
             folder, name = manifest_folder(root)
-            root = os.path.join(stage_dataset(folder, cache, endpoint_url=cfg.storage.endpoint_url,
-                                              region=cfg.storage.region), name)
+            root = os.path.join(stage_dataset(folder, cache, max_gb=cfg.data.cache_max_gb), name)
         else:
-            root = stage_dataset(root, cache, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+            root = stage_dataset(root, cache, max_gb=cfg.data.cache_max_gb)
         if cfg.data.format == "dice":
             from raytimm.data.dice import MULTILABEL_MANIFEST, ensure_dice_converted
 
             root = ensure_dice_converted(root, os.path.join(cache, "dice"), split_ratio=cfg.data.split_ratio,
-                                         seed=cfg.data.split_seed, log=log.info, multi_label=cfg.data.multi_label)
+                                         seed=cfg.data.split_seed, cache_max_gb=cfg.data.cache_max_gb, log=log.info,
+                                         multi_label=cfg.data.multi_label)
             if cfg.data.multi_label:
                 root = os.path.join(root, MULTILABEL_MANIFEST)
     finally:

@@ -15,7 +15,7 @@ from raytimm.errors import ConfigError
 from raytimm.serve.ingress import Ingress
 from raytimm.serve.model import ModelServer
 from raytimm.serve.paths import normalize_prefix, storage_root
-from raytimm.serve.settings import APP_NAME, QUIET_LOGGING, ServeArgs
+from raytimm.serve.settings import APP_NAME, QUIET_LOGGING, ServeArgs, check_training_api
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _RAYTIMM_DIR = os.path.dirname(_PACKAGE_DIR)
@@ -59,6 +59,7 @@ def model_options(args: ServeArgs) -> dict:
     """ModelServer's deployment options for these args (without runtime_env): what configs/serve.yaml spells out."""
     opts: dict = dict(
         max_ongoing_requests=max(32, 4 * args.max_batch_size),
+        graceful_shutdown_timeout_s=args.drain_timeout_s,
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
         user_config={"checkpoint": args.checkpoint, "model_name": args.model_name,
                      "num_classes": args.num_classes, "max_batch_size": args.max_batch_size,
@@ -74,11 +75,35 @@ def model_options(args: ServeArgs) -> dict:
 def ingress_options(args: ServeArgs) -> dict:
     """Ingress's deployment options for these args (without runtime_env and user_config)."""
     return dict(num_replicas=args.ingress_replicas, max_ongoing_requests=256,
+                graceful_shutdown_timeout_s=args.drain_timeout_s,
                 ray_actor_options={"num_cpus": args.ingress_num_cpus})
 
 
 def _with_env(options: dict, env: dict) -> dict:
     return {**options, "ray_actor_options": {**options["ray_actor_options"], "runtime_env": {"env_vars": env}}}
+
+
+def proxy_host():
+    """Where Serve's HTTP proxy listens, from the running Serve controller; None when it cannot be told."""
+    try:
+        from ray.serve.context import _get_global_client
+        return _get_global_client().http_config.host
+    except Exception:  # noqa: BLE001 - no controller yet, or the API moved: treated as "not loopback"
+        return None
+
+
+def training_api_options(args: ServeArgs):
+    """TrainingService's arguments for the ingress (None when the training API is off); refuses an exposed one."""
+    if not args.training_api:
+        return None
+    from raytimm import storage
+    from raytimm.config import config_to_dict, load_config
+
+    check_training_api(args, host=proxy_host())
+    base = config_to_dict(load_config(args.training_config)) if args.training_config else None
+    # Local runs storage is made absolute here, where the server starts (replicas have another cwd).
+    return {"runs_storage": storage.normalize(args.runs_storage), "allow_data": list(args.allow_data),
+            "base_config": base, "dashboard_url": args.ray_dashboard_url}
 
 
 def build_app(args: ServeArgs):
@@ -92,22 +117,26 @@ def build_app(args: ServeArgs):
     allow = [normalize_prefix(p) for p in args.allow]
     if args.allow_checkpoint_root:
         allow.append(normalize_prefix(storage_root(resolved)))
+    training_api = training_api_options(args)
+    if training_api:  # a run's best_checkpoint, as GET /training/{id} reports it, can be served as it is
+        allow.append(normalize_prefix(training_api["runs_storage"]))
     weights_dir = args.weights_dir or os.environ.get(WEIGHTS_DIR_ENV)
     env = forwarded_env()
     if weights_dir:
         env[WEIGHTS_DIR_ENV] = weights_dir
     # Torch threads come from the CPUs Ray assigns each replica (also when serve.yaml overrides them).
-    model_kwargs = dict(weights_dir=weights_dir, max_models=args.max_models)
+    model_kwargs = dict(weights_dir=weights_dir, max_models=args.max_models, allow_hub=args.allow_hub)
     model = ModelServer.options(**_with_env(model_options(args), env))
     model = _with_version(model, code_version("model", model_kwargs)).bind(**model_kwargs)
     token = args.token()
     # Only a hash of the token enters the version (so a new token restarts the ingress); never the token.
     token_hash = hashlib.sha256(token.get_secret_value().encode()).hexdigest() if token else None
-    ingress = _with_version(Ingress, code_version("ingress", token_hash))
+    ingress = _with_version(Ingress, code_version("ingress", token_hash, training_api))
     ingress = ingress.options(**_with_env(ingress_options(args), env),
                               user_config={"allow": allow, "max_upload_mb": args.max_upload_mb,
-                                           "max_pixels": args.max_pixels})
-    return ingress.bind(model, token)
+                                           "max_pixels": args.max_pixels, "allow_models": args.allow_models,
+                                           "max_model_params": args.max_model_params})
+    return ingress.bind(model, token, training_api)
 
 
 def deploy(args: ServeArgs, *, blocking: bool = False):

@@ -84,8 +84,15 @@ def int_field(form, name: str) -> Optional[int]:
     return int(text)
 
 
+def check_name_syntax(name: str) -> None:
+    """422 unless ``name`` could be a timm model name at all (letters, digits, ``_.-``; no timm import)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,100}", name):
+        raise HTTPError(422, f"model_name {name[:100]!r} is not a timm model")
+
+
 def check_pretrained_name(name: str) -> None:
     """422 unless ``name`` is a timm model name (checked before anything is built)."""
+    check_name_syntax(name)
     import timm
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,100}", name) or not timm.is_model(name):
+    if not timm.is_model(name):
         raise HTTPError(422, f"model_name {name[:100]!r} is not a timm model")

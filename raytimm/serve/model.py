@@ -10,7 +10,9 @@ from typing import Optional
 from ray import serve
 
 from raytimm.envvars import WEIGHTS_DIR_ENV
-from raytimm.serve.http import HTTPError, error_payload, error_status
+from raytimm.serve.http import HTTPError, check_pretrained_name, error_payload, error_status
+from raytimm.serve.metrics import ModelMetrics
+from raytimm.serve.pretrained import available_weights, check_model_size, check_pretrained_request
 from raytimm.serve.settings import DEFAULTS, QUIET_LOGGING
 
 log = logging.getLogger("raytimm.serve")
@@ -26,11 +28,15 @@ def multiplexed_id(kind: str, uri: Optional[str] = None, model_name: Optional[st
     return str(uri)
 
 
-def load_from_model_id(model_id: str, *, weights_dir: Optional[str], max_pixels: int, device: Optional[str]):
+def load_from_model_id(model_id: str, *, weights_dir: Optional[str], max_pixels: int, device: Optional[str],
+                       allow_hub: bool = False):
     """Build a Predictor for a multiplexed model id (runs in a worker thread)."""
     from raytimm.predict import Predictor
     if model_id.startswith("pretrained:"):
-        return Predictor.pretrained(model_id[len("pretrained:"):], weights_dir=weights_dir, device=device,
+        name = model_id[len("pretrained:"):]
+        # Checked again on this node (the ingress checked its own): no weights here and no hub -> 404, unbuilt.
+        weights = available_weights(name, weights_dir, allow_hub)
+        return Predictor.pretrained(name, pretrained_file=weights, weights_dir=weights_dir, device=device,
                                     max_pixels=max_pixels)
     if model_id.startswith("{"):
         spec = json.loads(model_id)
@@ -61,7 +67,8 @@ class ModelServer:
     """Holds the served Predictor (hot-swappable) and an LRU of request-selected models; batches forwards."""
 
     def __init__(self, *, weights_dir: Optional[str] = None, max_models: int = DEFAULTS.max_models,
-                 num_threads: Optional[int] = None, device: Optional[str] = None):
+                 num_threads: Optional[int] = None, device: Optional[str] = None,
+                 allow_hub: bool = DEFAULTS.allow_hub):
         import torch
 
         from raytimm.logs import worker_logging_setup
@@ -70,6 +77,7 @@ class ModelServer:
         torch.set_num_threads(max(1, int(threads)))
         self._weights_dir = weights_dir or os.environ.get(WEIGHTS_DIR_ENV)
         self._device = device
+        self._allow_hub = bool(allow_hub)
         self._max_pixels = DEFAULTS.max_pixels
         self._predictor = None
         self._spec: Optional[dict] = None
@@ -79,11 +87,24 @@ class ModelServer:
         async def load_model(model_id: str):
             # A plain function, not a bound method: Serve caches its LRU on the function object.
             return await self._load_model(model_id)
+        self._load_fn = load_model
         self._get_model = serve.multiplexed(max_num_models_per_replica=int(max_models))(load_model)
+        self._metrics = ModelMetrics(models_held=self._models_held)
+
+    def _models_held(self) -> int:
+        """The served model plus the multiplexed LRU's size (read by the metrics thread)."""
+        # Serve keeps the LRU on the decorated function (ray/serve/api.py, `__serve_multiplex_wrapper`);
+        # there is no public accessor. tests/test_serve_metrics.py checks the count after a multiplexed load.
+        lru = getattr(getattr(self._load_fn, "__serve_multiplex_wrapper", None), "models", None)
+        return int(self._predictor is not None) + (len(lru) if lru is not None else 0)
 
     async def _load_model(self, model_id: str):
-        return await asyncio.to_thread(load_from_model_id, model_id, weights_dir=self._weights_dir,
-                                       max_pixels=self._max_pixels, device=self._device)
+        start = time.monotonic()
+        predictor = await asyncio.to_thread(load_from_model_id, model_id, weights_dir=self._weights_dir,
+                                            max_pixels=self._max_pixels, device=self._device,
+                                            allow_hub=self._allow_hub)
+        self._metrics.record_load("multiplexed", time.monotonic() - start)
+        return predictor
 
     async def reconfigure(self, config: dict) -> None:
         """Apply user_config: batch settings, and swap in a new checkpoint (old model keeps serving until then)."""
@@ -111,10 +132,28 @@ class ModelServer:
                                   "time": time.time()}
             log.error("reload of %s failed; still serving %s: %s", spec["checkpoint"], self._predictor.source, exc)
             return
+        source = "startup" if self._predictor is None else "reload"
         self._predictor, self._spec = new, spec  # the swap: one reference assignment
         self._reload_error, self._loaded_at = None, time.time()
+        seconds = time.monotonic() - start
+        self._metrics.record_load(source, seconds)
         log.warning("serving %s (%s, %d classes), loaded in %.1fs", new.source, new.model_name, new.num_classes,
-                    time.monotonic() - start)
+                    seconds)
+
+    async def check_model(self, name: str, *, pretrained: bool, allow_models: list, max_params: int) -> dict:
+        """What a request may build, decided here (timm is loaded; the weights folder is this node's) without
+        building anything: {} when it may, else {"error": {status, detail}} (serve/pretrained.py)."""
+        try:
+            if pretrained:
+                await asyncio.to_thread(check_pretrained_request, name, allow_models=allow_models,
+                                        max_params=max_params, weights_dir=self._weights_dir,
+                                        allow_hub=self._allow_hub)
+            else:  # a legacy .pt's architecture, named by the request
+                check_pretrained_name(name)
+                await asyncio.to_thread(check_model_size, name, max_params)
+            return {}
+        except Exception as exc:  # noqa: BLE001 - answered as a status, like predict()
+            return error_payload(exc)
 
     def ready(self) -> bool:
         """True once a model is loaded."""
@@ -126,7 +165,8 @@ class ModelServer:
             return {"loaded": False, "reload_error": self._reload_error}
         meta = self._predictor.metadata()
         meta.update(loaded=True, requested_checkpoint=(self._spec or {}).get("checkpoint"),
-                    loaded_at=self._loaded_at, reload_error=self._reload_error, replica=_replica_id())
+                    loaded_at=self._loaded_at, reload_error=self._reload_error, replica=_replica_id(),
+                    pid=os.getpid())  # the replica's process, for resident-memory checks
         return meta
 
     async def predict(self, images: list, top_k: int) -> dict:
@@ -159,6 +199,8 @@ class ModelServer:
             ks = [items[i][2] for i in idx]
             # Off the event loop, so the next batch can queue while this one runs.
             results = await asyncio.to_thread(predictor.predict_tensor_batch, batch, ks)
+            self._metrics.record_batch(len(idx))
+            self._metrics.record_predictions(predictor.model_name, predictor.num_classes, results)
             for i, r in zip(idx, results):
                 out[i] = r
         return out

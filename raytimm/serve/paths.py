@@ -28,8 +28,8 @@ def _is_under(uri: str, prefix: str) -> bool:
     return uri.startswith(prefix if prefix.endswith("/") else prefix + "/")
 
 
-def check_checkpoint_path(path: str, allowed: list) -> str:
-    """Normalised checkpoint URI if it lies under an allowed prefix; HTTPError(403) otherwise.
+def check_checkpoint_path(path: str, allowed: list, *, field: str = "checkpoint_path") -> str:
+    """Normalised URI of ``path`` if it lies under an allowed prefix; HTTPError(403) naming ``field`` otherwise.
 
     Purely syntactic: no file or network access happens before the path is accepted.
     """
@@ -37,27 +37,27 @@ def check_checkpoint_path(path: str, allowed: list) -> str:
 
     text = path.strip()
     if any(ord(c) < 32 for c in text):
-        raise HTTPError(403, "checkpoint_path contains control characters")
+        raise HTTPError(403, f"{field} contains control characters")
     shown = text[:200]
     if re.search(r"(^|[\\/])\.\.([\\/]|$)", text):
-        raise HTTPError(403, f"checkpoint_path {shown!r}: '..' is not allowed")
+        raise HTTPError(403, f"{field} {shown!r}: '..' is not allowed")
     scheme = _uri_scheme(text)
     if scheme and scheme not in ("s3", "r2"):
-        raise HTTPError(403, f"checkpoint_path {shown!r}: scheme '{scheme}:' is not allowed (use s3:// or r2:// "
+        raise HTTPError(403, f"{field} {shown!r}: scheme '{scheme}:' is not allowed (use s3:// or r2:// "
                              "or an absolute path under an allowed prefix)")
     if not scheme and (not text.startswith("/") or text.startswith("~")):
-        raise HTTPError(403, f"checkpoint_path {shown!r}: local paths must be absolute")
+        raise HTTPError(403, f"{field} {shown!r}: local paths must be absolute")
     try:
         uri = storage.normalize(text)
     except StorageError as e:
-        raise HTTPError(403, f"checkpoint_path {shown!r}: {e}") from None
+        raise HTTPError(403, f"{field} {shown!r}: {e}") from None
     for prefix in allowed:
         if _is_under(uri, prefix):
             return uri
-    raise HTTPError(403, f"checkpoint_path {shown!r} is not under an allowed prefix")
+    raise HTTPError(403, f"{field} {shown!r} is not under an allowed prefix")
 
 
-def check_resolved_path(uri: str, allowed: list) -> None:
+def check_resolved_path(uri: str, allowed: list, *, what: str = "checkpoint") -> None:
     """After resolving pointers/symlinks (file access is fine now), the target must still be allowed."""
     from raytimm import storage
     if storage.is_remote(uri):
@@ -66,7 +66,7 @@ def check_resolved_path(uri: str, allowed: list) -> None:
         candidates = [os.path.realpath(uri)]
         allowed = [os.path.realpath(p) if not storage.is_remote(p) else p for p in allowed]
     if not any(_is_under(c, p) for c in candidates for p in allowed):
-        raise HTTPError(403, f"checkpoint {uri} (resolved) is not under an allowed prefix")
+        raise HTTPError(403, f"{what} {uri} (resolved) is not under an allowed prefix")
 
 
 def storage_root(checkpoint: Union[str, "ResolvedCheckpoint"]) -> str:

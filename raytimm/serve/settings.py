@@ -11,6 +11,7 @@ Errors name the key (``serve.max_batch_size=0 is out of range: expected >= 1``, 
 """
 import argparse
 import difflib
+import ipaddress
 import os
 from typing import Any, Callable, ClassVar, Optional, Union, get_args, get_origin
 
@@ -53,13 +54,42 @@ class ServeArgs(BaseModel):
     ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas.")
     weights_dir: Optional[str] = Field(None, description="Folder of <model>.safetensors for pretrained "
                                                          "/inference/quick; default $RAYTIMM_WEIGHTS_DIR.")
+    allow_models: list[str] = Field(default_factory=list, json_schema_extra={"metavar": "NAME"},
+                                    description="timm models /inference/quick may load pretrained (no "
+                                                "checkpoint_path); '*' = any timm model. Default: the models "
+                                                "with weights in the weights folder plus the shipped targets "
+                                                "(configs/train/).")
+    max_model_params: int = Field(100_000_000, ge=1, description="Largest model a request may build "
+                                                                 "(pretrained, or a legacy .pt's model_name), in "
+                                                                 "parameters; counted without building it.")
+    allow_hub: bool = Field(False, description="Let /inference/quick download pretrained weights from the "
+                                               "Hugging Face hub when the weights folder has none (off: 404).")
+    drain_timeout_s: float = Field(20.0, ge=0, description="On SIGTERM or Ctrl-C, how long requests already "
+                                                           "accepted may take to finish; also Serve's "
+                                                           "graceful_shutdown_timeout_s of each replica.")
     autoscaling: Optional[dict[str, Any]] = Field(None, description="Serve autoscaling_config of the model "
                                                                     "deployment, e.g. {min_replicas: 1, "
                                                                     "max_replicas: 4}; replaces replicas.")
+    training_api: bool = Field(False, description="Turn on the training API (POST /training/start, GET /training, "
+                                                  "GET /training/{id}, POST /training/{id}/stop): runs become Ray jobs "
+                                                  "submitted through the cluster's Jobs API. Needs allow_data, and "
+                                                  f"${API_TOKEN_ENV} unless the server binds to loopback.")
+    runs_storage: str = Field("./runs", description="storage.path of every run the training API starts (local, made "
+                                                    "absolute at start, or s3:// / r2://); also an allowed prefix for "
+                                                    "/inference/quick, so a run's best_checkpoint can be served.")
+    allow_data: list[str] = Field(default_factory=list, description="Storage prefixes a training request's "
+                                                                    "dataset_path and checkpoint_path may name (a "
+                                                                    "list, or 'a,b').")
+    training_config: Optional[str] = Field(None, description="raytimm config YAML (path or bucket URI) with the "
+                                                             "defaults of runs the training API starts (scaling, "
+                                                             "mlflow, augmentation); the request's fields win.")
+    ray_dashboard_url: Optional[str] = Field(None, description="Ray dashboard (Jobs API) the training API submits "
+                                                               "to, e.g. http://127.0.0.1:8265; default: the one "
+                                                               "the cluster records for itself.")
     api_token: Optional[SecretStr] = Field(None, exclude=True, description=f"Bearer token; default ${API_TOKEN_ENV} "
                                                                            "where the app is built.")
 
-    @field_validator("allow", mode="before")
+    @field_validator("allow", "allow_models", "allow_data", mode="before")
     @classmethod
     def _split_allow(cls, v):
         # `serve run ... allow=a,b` passes one string.
@@ -83,6 +113,10 @@ class ServeSettings(ServeArgs):
     checkpoint: Optional[str] = Field(None, description=_CHECKPOINT_DOC + " Required: in the config or as a flag.")
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds; 0.0.0.0 exposes it to the network.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    metrics_export_port: Optional[int] = Field(
+        None, ge=1, le=65535, description="Prometheus port of the local Ray that `raytimm serve` starts (Ray's "
+                                          "and raytimm's metrics at /metrics); on a cluster (RAY_ADDRESS) the "
+                                          "cluster's own export port serves them.")
 
     def app_args(self) -> ServeArgs:
         """The app's part (no host/port); ConfigError when no checkpoint is set."""
@@ -93,6 +127,34 @@ class ServeSettings(ServeArgs):
 
 
 DEFAULTS = ServeSettings()
+
+
+def is_loopback(host: Optional[str]) -> bool:
+    """Whether ``host`` only accepts connections from this machine (127.0.0.0/8, ::1, localhost)."""
+    if not host:
+        return False
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_training_api(args: ServeArgs, *, host: Optional[str]) -> None:
+    """Refuse a training API that anyone on the network could use, or one without data prefixes.
+
+    ``host`` is where the HTTP proxy listens (None when unknown: then only a token will do).
+    """
+    if not args.training_api:
+        return
+    if not args.allow_data:
+        raise ConfigError("the training API needs --allow-data PREFIX (serve.allow_data): the storage prefixes a "
+                          "request's dataset_path and checkpoint_path may name")
+    if args.token() is None and not is_loopback(host):
+        where = f"binds to {host}" if host else "may be reachable from the network"
+        raise ConfigError(f"the training API starts jobs on the cluster and the server {where}: set "
+                          f"${API_TOKEN_ENV}, or bind to loopback (--host 127.0.0.1)")
 
 
 # ----------------------------------------------------------------------------- errors naming the key
@@ -196,7 +258,7 @@ def add_arguments(parser: argparse.ArgumentParser, model: type = ServeSettings) 
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif tp is list:
-            kw.update(action="append", metavar="PREFIX")
+            kw.update(action="append", metavar=(field.json_schema_extra or {}).get("metavar", "PREFIX"))
             kw["help"] = doc + " Repeatable."
         elif tp is dict:
             kw.update(type=_mapping, metavar="YAML")
