@@ -12,7 +12,7 @@ import os
 import sys
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from raytimm import __version__
 from raytimm.errors import RaytimmError
@@ -125,6 +125,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     out = evaluate_checkpoint(a.checkpoint, a.data, split=a.split, batch_size=a.batch_size,
                               predictions_csv=a.predictions, model_name=a.model_name,
                               num_classes=a.num_classes, backend=a.backend)
+    if out.get("task_type") == "multi_label_classification":
+        return _report_multilabel_evaluation(out, a.result_json)
     if a.predictions:
         from raytimm.plots import confusion_matrix_png
 
@@ -135,6 +137,21 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     for name, acc in out["per_class"].items():
         print(f"  {name:<24} {acc:6.2f}")
     _write_json(a.result_json, {k: out[k] for k in ("top1", "top5", "loss", "num_samples", "per_class")})
+    return 0
+
+
+def _report_multilabel_evaluation(out: dict, result_json: Optional[str]) -> int:
+    """Print and save what evaluate_multilabel_checkpoint measured."""
+    if out["predictions_csv"]:
+        print(f"predictions: {out['predictions_csv']}")
+    print(f"mAP {out['mAP']:.2f}  f1_micro {out['f1_micro']:.2f}  f1_macro {out['f1_macro']:.2f}  "
+          f"loss {out['loss']:.4f}  images {out['num_samples']}")
+    print(f"  {'label':<24} {'support':>7} {'AP':>6} {'prec':>6} {'recall':>6} {'F1':>6} {'thresh':>6}")
+    for name, r in out["per_class"].items():
+        print(f"  {name:<24} {r['support']:7d} {r['ap']:6.2f} {r['precision']:6.2f} {r['recall']:6.2f} "
+              f"{r['f1']:6.2f} {r['threshold']:6.3f}")
+    _write_json(result_json, {k: out[k] for k in ("task_type", "mAP", "f1_micro", "f1_macro", "loss",
+                                                  "num_samples", "thresholds", "per_class")})
     return 0
 
 
@@ -327,11 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset split", formatter_class=fmt,
                        description="Evaluate a checkpoint (folder, run/tune folder, or legacy .pt; local, s3:// or r2://).")
     s.add_argument("--checkpoint", required=True, help="checkpoint URI (a run folder means its best checkpoint)")
-    s.add_argument("--data", required=True, help="ImageFolder root, local or s3:// / r2://")
+    s.add_argument("--data", required=True, help="ImageFolder root, local or s3:// / r2:// (a multi-label checkpoint: "
+                                                 "a manifest CSV or DICE export)")
     s.add_argument("--split", default="val", choices=["train", "val"], help="split to evaluate (default val)")
     s.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
-    s.add_argument("--predictions", help="write one CSV row per image (and a confusion-matrix PNG beside it)")
-    s.add_argument("--result-json", help="write top1, top5, loss, num_samples, per_class here")
+    s.add_argument("--predictions", help="write one CSV row per image (and a confusion-matrix PNG beside it); "
+                                         "multi-label: the file's labels, the predicted label set and every score")
+    s.add_argument("--result-json", help="write top1, top5, loss, num_samples, per_class here (multi-label: mAP, "
+                                         "f1_micro, f1_macro, loss, num_samples, thresholds, per_class)")
     s.add_argument("--model-name", help="timm model name (legacy .pt checkpoints only)")
     s.add_argument("--num-classes", type=int, help="number of classes (legacy .pt checkpoints only)")
     s.add_argument("--backend", choices=["torch", "onnx"], default="torch",

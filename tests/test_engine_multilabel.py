@@ -2,6 +2,7 @@
 the meta.json contract (multi_label, thresholds, per-label metrics), exact re-evaluation, calibration, resume."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -9,7 +10,6 @@ import torch
 from raytimm import checkpoint as ckpt
 from raytimm.config import config_from_dict
 from raytimm.engine import evaluate_multilabel, fit
-from raytimm.errors import CheckpointError
 from raytimm.metrics import MULTI_LABEL_KEYS, SINGLE_LABEL_KEYS, calibrate_thresholds
 from raytimm.model import build_model
 
@@ -100,16 +100,58 @@ def test_saved_checkpoint_reevaluates_to_its_reported_metrics_and_calibrated_thr
     assert recalibrated["thresholds"] == pytest.approx(meta["thresholds"], abs=1e-6)
 
 
-def test_evaluate_refuses_a_multi_label_checkpoint_in_one_line(ml_run, ml_csv, capsys):
+def test_evaluate_scores_a_multi_label_checkpoint_as_training_validation_did(ml_run, ml_csv, tmp_path, capsys):
+    """`raytimm evaluate` on the training manifest's val split: the Predictor path (sigmoid scores, meta.json's
+    thresholds) gives the metrics training stored; --predictions has each file's labels, label set and scores."""
+    import csv
+
     from raytimm.cli import main
+
+    result, _, cfg = ml_run
+    meta = ckpt.load_meta(result.best_checkpoint)
+    out_json, preds = tmp_path / "eval.json", tmp_path / "preds.csv"
+    assert main(["evaluate", "--checkpoint", result.best_checkpoint, "--data", str(ml_csv),
+                 "--predictions", str(preds), "--result-json", str(out_json)]) == 0
+    assert "mAP " in capsys.readouterr().out
+    out = json.loads(out_json.read_text())
+    assert set(out) == {"task_type", "mAP", "f1_micro", "f1_macro", "loss", "num_samples", "thresholds", "per_class"}
+    assert out["task_type"] == "multi_label_classification"
+    for key in ("mAP", "f1_micro", "f1_macro"):
+        assert out[key] == pytest.approx(meta["metrics"][f"val/{key}"], abs=1e-6)
+    assert out["loss"] == pytest.approx(meta["metrics"]["val/loss"], rel=1e-5)
+    assert out["thresholds"] == meta["thresholds"]
+    assert list(out["per_class"]) == meta["class_names"]
+    for row in meta["per_class"]:
+        got = out["per_class"][row["class"]]
+        assert got["support"] == row["support"] and got["ap"] == pytest.approx(row["ap"], abs=1e-6)
+    with open(preds, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == out["num_samples"] > 0
+    assert list(rows[0]) == ["file", "labels", "predicted", *(f"score:{c}" for c in meta["class_names"])]
+    from raytimm.data.manifest import read_manifest
+
+    truth = {e[0]: set(e[1]) for e in read_manifest(ml_csv, multi_label=True)[0]}
+    csv_dir = os.path.dirname(os.path.realpath(ml_csv))
+    for r in rows:
+        assert set(r["labels"].split(";")) == truth[f"{csv_dir}/{r['file']}"]
+        scores = {c: float(r[f"score:{c}"]) for c in meta["class_names"]}
+        expected = {c for c, t in zip(meta["class_names"], meta["thresholds"]) if scores[c] >= t}
+        assert set(filter(None, r["predicted"].split(";"))) == expected
+
+
+def test_evaluate_names_a_label_the_checkpoint_does_not_know(ml_run, tmp_path):
+    from raytimm.data.manifest import write_manifest
+    from raytimm.errors import DataError
     from raytimm.predict import evaluate_checkpoint
 
     result, _, _ = ml_run
-    with pytest.raises(CheckpointError, match="is a multi-label checkpoint"):
-        evaluate_checkpoint(result.best_checkpoint, str(ml_csv).rsplit("/", 1)[0], device="cpu")
-    assert main(["evaluate", "--checkpoint", result.best_checkpoint, "--data", str(ml_csv).rsplit("/", 1)[0]]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "multi-label checkpoint" in err and len(err.splitlines()) == 1
+    from PIL import Image
+
+    for i in range(2):
+        Image.new("RGB", (32, 32), (i * 90, 10, 10)).save(tmp_path / f"{i}.png")
+    csv_path = write_manifest(tmp_path / "labels.csv", [("0.png", ["zebra"], "val"), ("1.png", ["zebra"], "val")])
+    with pytest.raises(DataError, match=r"not in checkpoint .*\['zebra'\]"):
+        evaluate_checkpoint(result.best_checkpoint, str(csv_path), device="cpu")
 
 
 def test_multi_label_resume_and_default_thresholds(ml_csv, tmp_path):

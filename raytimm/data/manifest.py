@@ -151,8 +151,12 @@ def read_manifest(path: str | os.PathLike, *, multi_label: bool):
 
 
 def scan_manifest(path: str | os.PathLike, *, multi_label: bool, split_ratio: float = 0.8, seed: int = 42,
-                  verify: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ScanResult:
-    """A manifest as a ScanResult: samples (path, class index) or, multi-label, (path, (indices...))."""
+                  verify: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                  for_training: bool = True) -> ScanResult:
+    """A manifest as a ScanResult: samples (path, class index) or, multi-label, (path, (indices...)).
+
+    ``for_training=False`` (evaluate): a label without train images is fine (a held-out test manifest may be all val).
+    """
     csv_path = Path(path)
     entries, bad, has_split = read_manifest(csv_path, multi_label=multi_label)
     if verify and entries:
@@ -181,7 +185,8 @@ def scan_manifest(path: str | os.PathLike, *, multi_label: bool, split_ratio: fl
     label = (lambda t: t) if multi_label else (lambda t: t[0])
     train = [(e[0], label(t)) for e, t, v in zip(entries, targets, in_val) if not v]
     val = [(e[0], label(t)) for e, t, v in zip(entries, targets, in_val) if v]
-    _check_train_covers(class_names, train, multi_label, csv_path)
+    if for_training:
+        _check_train_covers(class_names, train, multi_label, csv_path)
     return ScanResult(str(csv_path), class_names, class_to_idx, train, val, bad,
                       "manifest" if has_split else "split", split_ratio=None if has_split else float(split_ratio),
                       seed=None if has_split else int(seed), multi_label=multi_label)
