@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raytimm.data.images import decode_image
-from raytimm.errors import ConfigError, DataError, ImageError
+from raytimm.errors import ConfigError, DataError
+from raytimm.predict import logit_batches
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +82,7 @@ def evaluate_multilabel_checkpoint(pred, data_uri: str, *, split: str = "val", b
 
     score_rows, target_rows, files, skipped = [], [], [], []
     loss_sum = 0.0
-    for start in range(0, len(samples), batch_size):
-        tensors, chunk = [], []
-        for path, labels in samples[start:start + batch_size]:
-            try:
-                tensors.append(pred.preprocess(decode_image(path, max_pixels=pred.max_pixels)))
-                chunk.append((path, labels))
-            except ImageError as exc:  # an unreadable file is reported, not fatal
-                skipped.append({"file": os.path.relpath(path, root), "reason": str(exc)})
-        if not chunk:
-            continue
-        logits = pred.logits(torch.stack(tensors))
+    for chunk, logits in logit_batches(pred, samples, root, batch_size, skipped):
         targets = torch.zeros_like(logits)
         for row, (_, labels) in enumerate(chunk):
             targets[row, [to_ckpt[j] for j in labels]] = 1.0

@@ -423,17 +423,7 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, *, split: str = "val
 
     sums = ClassificationSums(pred.num_classes, torch.device("cpu"))
     rows, skipped = [], []
-    for start in range(0, len(samples), batch_size):
-        chunk, tensors = [], []
-        for path, label in samples[start:start + batch_size]:
-            try:
-                tensors.append(pred.preprocess(decode_image(path, max_pixels=pred.max_pixels)))
-                chunk.append((path, label))
-            except ImageError as exc:  # an unreadable file is reported, not fatal
-                skipped.append({"file": os.path.relpath(path, root), "reason": str(exc)})
-        if not chunk:
-            continue
-        logits = pred.logits(torch.stack(tensors))
+    for chunk, logits in logit_batches(pred, samples, root, batch_size, skipped):
         top1 = sums.add(logits, torch.tensor([y for _, y in chunk]))
         conf = torch.softmax(logits, dim=1).gather(1, top1[:, None]).squeeze(1)
         for (path, y), p, c in zip(chunk, top1.tolist(), conf.tolist()):
@@ -463,6 +453,20 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, *, split: str = "val
         "predictions_csv": str(predictions_csv) if predictions_csv else None,
         "skipped": skipped,
     }
+
+
+def logit_batches(pred: Predictor, samples: Sequence[tuple], root: str, batch_size: int, skipped: list):
+    """Yield (samples, logits) per batch of (path, target) samples; unreadable files go to ``skipped``, not fatal."""
+    for start in range(0, len(samples), batch_size):
+        chunk, tensors = [], []
+        for path, target in samples[start:start + batch_size]:
+            try:
+                tensors.append(pred.preprocess(decode_image(path, max_pixels=pred.max_pixels)))
+                chunk.append((path, target))
+            except ImageError as exc:
+                skipped.append({"file": os.path.relpath(path, root), "reason": str(exc)})
+        if chunk:
+            yield chunk, pred.logits(torch.stack(tensors))
 
 
 def write_predictions_csv(path: str | os.PathLike, rows: Sequence[tuple[str, str, str, float]]) -> str:
