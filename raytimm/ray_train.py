@@ -256,20 +256,21 @@ def preflight(cfg: Config) -> None:
     if storage.is_remote(cfg.storage.path):
         storage.preflight(cfg.storage.path, want="write")
     if not cfg.data.path:
-        raise RaytimmError("data.path is empty: point it at an ImageFolder or DICE export (local, s3:// or r2://)")
-    if storage.is_remote(cfg.data.path):
-        storage.preflight(cfg.data.path, want="dataset")
-        return
-    if not os.path.isdir(cfg.data.path):
-        raise RaytimmError(f"data.path {cfg.data.path!r} is not a folder")
-    from raytimm.data.loaders import prepare_dataset_root
+        raise RaytimmError("data.path is empty: point it at an ImageFolder, DICE export or manifest CSV "
+                           "(local, s3:// or r2://)")
+    from raytimm.data.loaders import manifest_folder, prepare_dataset_root, scan_dataset
 
+    manifest = cfg.data.format == "manifest"
+    if storage.is_remote(cfg.data.path):
+        # A manifest's images lie in its folder: that is the dataset to find.
+        target = manifest_folder(cfg.data.path)[0] if manifest else cfg.data.path
+        storage.preflight(target, want="dataset")
+        return
+    if not (os.path.isfile if manifest else os.path.isdir)(cfg.data.path):
+        raise RaytimmError(f"data.path {cfg.data.path!r} is not a {'file' if manifest else 'folder'}")
     # The workers' own call then finds this DICE conversion in the cache.
     local = prepare_dataset_root(cfg)
-    from raytimm.data.folder import scan_imagefolder
-
-    scan = scan_imagefolder(local, split_ratio=cfg.data.split_ratio, seed=cfg.data.split_seed,
-                            verify=cfg.data.verify_images)
+    scan = scan_dataset(local, cfg)
     if cfg.model.num_classes is not None and cfg.model.num_classes != len(scan.class_names):
         raise RaytimmError(f"model.num_classes={cfg.model.num_classes} but {local!r} has "
                            f"{len(scan.class_names)} classes: {', '.join(scan.class_names[:10])}")
@@ -424,7 +425,7 @@ def _mark_failed(folder: runs.RunFolder, message: str) -> None:
 
 def _log_final_artifacts(logger, best_uri: Optional[str], out: TrainResult) -> None:
     """Backfilled epoch metrics; tags with checkpoint URIs; classes.txt, the best epoch's confusion
-    matrix and per-class CSV, and the loss/accuracy curves of the whole run."""
+    matrix and per-class CSV (multi-label: the per-label CSV), and the loss/accuracy curves of the whole run."""
     from raytimm import plots
     from raytimm.checkpoint import load_meta
 
@@ -448,7 +449,11 @@ def _log_final_artifacts(logger, best_uri: Optional[str], out: TrainResult) -> N
             f.write("\n".join(names) + "\n")
         logger.log_artifact(p)
         cm = best.get("confusion_matrix")
-        if cm:
+        if best.get("multi_label") and best.get("per_class"):
+            csv = os.path.join(tmp, "per_class.csv")
+            plots.per_label_csv(best["per_class"], csv)
+            logger.log_artifact(csv)
+        elif cm:
             png, csv = os.path.join(tmp, "confusion_matrix.png"), os.path.join(tmp, "per_class.csv")
             plots.confusion_matrix_png(cm, names, png, title=f"best epoch {best.get('epoch')}")
             plots.per_class_csv(cm, names, csv)

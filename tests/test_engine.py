@@ -13,7 +13,7 @@ import torch
 from raytimm import checkpoint as ckpt
 from raytimm.config import config_from_dict
 from raytimm.engine import evaluate, fit
-from raytimm.metrics import METRIC_KEYS
+from raytimm.metrics import SINGLE_LABEL_KEYS
 from raytimm.model import build_model
 
 CLASSES = 3
@@ -69,7 +69,7 @@ def test_fit_metrics_and_result(two_epochs):
     assert result.last_epoch == 2 and not result.stopped_early
     assert [h["epoch"] for h in result.history] == [1, 2]
     for h in result.history:
-        assert set(h) == set(METRIC_KEYS)
+        assert set(h) == set(SINGLE_LABEL_KEYS)
         assert all(math.isfinite(float(v)) for v in h.values())
         for k in ("train/top1", "val/top1", "val/top5"):
             assert 0.0 <= h[k] <= 100.0

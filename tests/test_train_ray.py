@@ -243,3 +243,62 @@ def test_workers_that_cannot_fit_a_local_ray_fail_fast_naming_the_key(ray_local,
     with pytest.raises(RaytimmError, match=r"needs 1 GPU \(cluster has 0\).*scaling.use_gpu=false"):
         train(_cfg(root, tmp_path / "runs", "run.name=nogpu", "scaling.num_workers=1", "scaling.use_gpu=true"))
     assert not (tmp_path / "runs" / "toobig").exists()
+
+
+@pytest.mark.mlflow_server
+def test_multi_label_on_two_workers_reports_what_the_saved_checkpoint_scores_alone(ray_local, tmp_path, mlflow_server):
+    """2 Ray workers on multi-label data (an odd val set): equal weights on both ranks, and the reported
+    val/mAP, F1 and loss equal a single-process evaluation of the saved checkpoint at its own thresholds."""
+    import csv
+
+    from mlflow import MlflowClient
+    from torch.utils.data import DataLoader
+
+    import torch
+
+    from raytimm import checkpoint as ckpt
+    from raytimm.data.demo import make_demo_multilabel
+    from raytimm.data.folder import ImageDataset
+    from raytimm.data.loaders import prepare_dataset_root, scan_dataset
+    from raytimm.data.transforms import build_eval_transform
+    from raytimm.engine import evaluate_multilabel
+    from raytimm.model import build_model
+    from raytimm.ray_train import train
+
+    data = make_demo_multilabel(tmp_path / "ml", classes=3, images=62, size=32, seed=5)
+    cfg = _cfg(str(tmp_path / "ml"), tmp_path / "runs", "run.name=ml", "scaling.num_workers=2",
+               f"data.path={data}", "data.format=manifest", "data.multi_label=true", "train.epochs=2",
+               "train.batch_size=8", "train.calibrate_thresholds=true", "model.name=test_resnet", "model.img_size=32",
+               "mlflow.enabled=true", f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=multilabel")
+    assert cfg.checkpoint.metric == "val/mAP"
+    scan = scan_dataset(prepare_dataset_root(cfg), cfg)
+    assert len(scan.val) % 2 == 1, len(scan.val)  # a padding sampler would count one image twice
+    result = train(cfg, train_loop=_digest_loop_factory(str(tmp_path)))
+    assert (tmp_path / "rank0.sha256").read_text() == (tmp_path / "rank1.sha256").read_text()
+
+    meta = ckpt.load_meta(result.best_checkpoint)
+    assert meta["multi_label"] is True and len(meta["thresholds"]) == 3
+    assert meta["metrics"]["val/mAP"] == pytest.approx(result.best_metrics["val/mAP"])
+    model = build_model(meta["model_name"], num_classes=3)
+    model.load_state_dict(ckpt.load_model_state(result.best_checkpoint))
+    ds = ImageDataset(scan.val, build_eval_transform(meta["data_config"]), num_labels=3)
+    alone = evaluate_multilabel(model, DataLoader(ds, batch_size=7), torch.device("cpu"),
+                                class_names=meta["class_names"], thresholds=meta["thresholds"])
+    assert alone["num_samples"] == len(scan.val)
+    for key in ("mAP", "f1_micro", "f1_macro"):
+        assert alone[key] == pytest.approx(result.best_metrics[f"val/{key}"], abs=1e-6), key
+    assert alone["loss"] == pytest.approx(result.best_metrics["val/loss"], rel=1e-4)
+    # The stored thresholds are the calibrated ones for these weights on the whole val set.
+    recalibrated = evaluate_multilabel(model, DataLoader(ds, batch_size=7), torch.device("cpu"),
+                                       class_names=meta["class_names"], calibrate=True)
+    assert recalibrated["thresholds"] == pytest.approx(meta["thresholds"], abs=1e-5)
+
+    client = MlflowClient(mlflow_server)
+    run_id = result.mlflow_run_id
+    assert {m.step for m in client.get_metric_history(run_id, "val/mAP")} == {1, 2}
+    local = client.download_artifacts(run_id, "per_class.csv", str(tmp_path))
+    with open(local, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["class"] for r in rows] == meta["class_names"]
+    assert [float(r["ap"]) for r in rows] == pytest.approx([r["ap"] for r in meta["per_class"]], abs=0.01)
+    assert {"support", "precision", "recall", "threshold"} <= set(rows[0])

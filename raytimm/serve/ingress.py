@@ -24,8 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import raytimm
 from raytimm.envvars import API_TOKEN_ENV
 from raytimm.errors import RaytimmError
-from raytimm.serve.http import (MAX_FILES, HTTPError, check_name_syntax, error_status, int_field, parse_top_k,
-                                text_field)
+from raytimm.serve.http import (MAX_FILES, HTTPError, check_name_syntax, error_status, int_field, parse_threshold,
+                                parse_top_k, text_field)
 from raytimm.serve import page, training
 from raytimm.serve.metrics import RequestMetricsMiddleware
 from raytimm.serve.model import multiplexed_id
@@ -199,9 +199,10 @@ class Ingress:
                 raise result
         return list(decoded)
 
-    async def _run(self, images: list, top_k: int, model_id: Optional[str] = None) -> dict:
+    async def _run(self, images: list, top_k: int, model_id: Optional[str] = None,
+                   threshold: Optional[float] = None) -> dict:
         handle = self._model.options(multiplexed_model_id=model_id) if model_id else self._model
-        out = await self._call_model(handle, "predict", images, top_k)
+        out = await self._call_model(handle, "predict", images, top_k, threshold)
         results = out["results"]
         return results[0] if len(results) == 1 else {"results": results}
 
@@ -270,20 +271,23 @@ class Ingress:
 
     @app.post("/predict", responses=PREDICT_RESPONSES, openapi_extra=PREDICT_FORM)
     async def predict(self, request: Request):
-        """multipart `file` (repeatable) and `top_k` -> one result, or {"results": [...]} for several files."""
+        """multipart `file` (repeatable), `top_k` and `threshold` (multi-label models) -> one result, or
+        {"results": [...]} for several files."""
         with self._accepted(request):
             form = await self._read_form(request)
             query_k = parse_top_k(request.query_params.get("top_k"))  # checked even where the form's wins
             top_k = parse_top_k(form["top_k"]) if "top_k" in form else query_k
+            threshold = parse_threshold(form)
             images = await self._decode_files(form)
-            return await self._run(images, top_k)
+            return await self._run(images, top_k, threshold=threshold)
 
     @app.post("/inference/quick", responses=QUICK_RESPONSES, openapi_extra=QUICK_FORM)
     async def inference_quick(self, request: Request):
-        """The platform's form: file, training_job_id, model_name, num_classes, checkpoint_path?, top_k."""
+        """The platform's form: file, training_job_id, model_name, num_classes, checkpoint_path?, top_k, threshold?."""
         with self._accepted(request):
             form = await self._read_form(request)
             top_k = parse_top_k(form.get("top_k"))
+            threshold = parse_threshold(form)
             model_name = text_field(form, "model_name")
             num_classes = int_field(form, "num_classes")
             path = text_field(form, "checkpoint_path")
@@ -292,7 +296,7 @@ class Ingress:
             else:
                 model_id = await self._check_pretrained(model_name)
             images = await self._decode_files(form)
-            return await self._run(images, top_k, model_id)
+            return await self._run(images, top_k, model_id, threshold)
 
     async def _check_pretrained(self, model_name: Optional[str]) -> str:
         """404/422 before anything is built (see serve/pretrained.py); the multiplexed model id."""

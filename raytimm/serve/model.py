@@ -169,16 +169,19 @@ class ModelServer:
                     pid=os.getpid())  # the replica's process, for resident-memory checks
         return meta
 
-    async def predict(self, images: list, top_k: int) -> dict:
-        """Top-k for decoded RGB arrays with the served model, or the multiplexed one for this request."""
+    async def predict(self, images: list, top_k: int, threshold: Optional[float] = None) -> dict:
+        """Top-k (and, multi-label, the labels reaching their threshold) for decoded RGB arrays with the served
+        model, or the multiplexed one for this request; ``threshold`` overrides a multi-label model's."""
         try:
             model_id = serve.get_multiplexed_model_id()
             predictor = await self._get_model(model_id) if model_id else self._predictor
             if predictor is None:
                 raise HTTPError(503, "no model loaded yet")
+            if threshold is not None:
+                predictor.label_thresholds(threshold)  # 422 for a single-label model, before any work
             tensors = await asyncio.to_thread(lambda: [predictor.preprocess(a) for a in images])
             k = predictor.clamp_top_k(top_k)
-            results = await asyncio.gather(*(self._infer((predictor, t, k)) for t in tensors))
+            results = await asyncio.gather(*(self._infer((predictor, t, k, threshold)) for t in tensors))
             return {"results": list(results)}
         except Exception as exc:  # noqa: BLE001 - answer with a status, never let Serve turn it into a 500 page
             if error_status(exc) >= 500 and not isinstance(exc, HTTPError):
@@ -191,14 +194,15 @@ class ModelServer:
         import torch
         out: list = [None] * len(items)
         groups: dict = {}
-        for i, (predictor, _, _) in enumerate(items):
+        for i, (predictor, _, _, _) in enumerate(items):
             groups.setdefault(id(predictor), []).append(i)
         for idx in groups.values():
             predictor = items[idx[0]][0]
             batch = torch.stack([items[i][1] for i in idx])
             ks = [items[i][2] for i in idx]
+            thresholds = [items[i][3] for i in idx]  # per request: batched requests may differ
             # Off the event loop, so the next batch can queue while this one runs.
-            results = await asyncio.to_thread(predictor.predict_tensor_batch, batch, ks)
+            results = await asyncio.to_thread(predictor.predict_tensor_batch, batch, ks, thresholds)
             self._metrics.record_batch(len(idx))
             self._metrics.record_predictions(predictor.model_name, predictor.num_classes, results)
             for i, r in zip(idx, results):
