@@ -44,12 +44,6 @@ log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("train/loss", "train/top1", "val/loss", "val/top1", "val/top5", "lr", "throughput", "epoch")
 
-# Test-only hook for the fault-tolerance test: when RAYTIMM_TEST_CRASH_AT_EPOCH=N and the file named
-# by RAYTIMM_TEST_CRASH_MARKER does not exist yet, one worker (rank 1, or rank 0 alone) creates the
-# marker and dies with os._exit(1) right after epoch N was reported. Never set these in real runs.
-CRASH_EPOCH_ENV = "RAYTIMM_TEST_CRASH_AT_EPOCH"
-CRASH_MARKER_ENV = "RAYTIMM_TEST_CRASH_MARKER"
-
 ReportFn = Callable[[dict, Optional[str]], None]
 
 
@@ -68,19 +62,6 @@ class FitResult:
     run_dir: Optional[str] = None  # set only when fit saved checkpoints itself (report=None)
     best_checkpoint: Optional[str] = None
     latest_checkpoint: Optional[str] = None
-
-
-@dataclasses.dataclass
-class EpochInfo:
-    """Passed to ``on_epoch_end`` on every rank after the epoch was reported."""
-
-    epoch: int
-    metrics: dict
-    is_best: bool
-    confusion_matrix: list[list[int]]
-    class_names: list[str]
-    checkpoint_dir: Optional[str]  # only when fit saves checkpoints itself (report=None)
-    model: Optional[nn.Module] = None  # the validated (and saved) module: the EMA one when EMA is on
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
@@ -430,20 +411,6 @@ def _prune_local_checkpoints(run_dir: str, history: list[dict], *, metric: str, 
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _maybe_crash_for_test(epoch: int) -> None:
-    """Test-only fault injection (see CRASH_EPOCH_ENV); a no-op unless both variables are set."""
-    at, marker = os.environ.get(CRASH_EPOCH_ENV), os.environ.get(CRASH_MARKER_ENV)
-    if not at or not marker or int(at) != epoch or os.path.exists(marker):
-        return
-    world = dist_utils.get_world_size()
-    if dist_utils.get_rank() != (1 if world > 1 else 0):
-        return
-    Path(marker).parent.mkdir(parents=True, exist_ok=True)
-    Path(marker).touch()
-    print(f"[test hook] rank {dist_utils.get_rank()} exits after epoch {epoch}", flush=True)
-    os._exit(1)
-
-
 def _summary_line(epoch: int, epochs: int, m: dict, is_best: bool) -> str:
     return (f"epoch {epoch}/{epochs}  train/loss {m['train/loss']:.4f}  train/top1 {m['train/top1']:.1f}  "
             f"val/loss {m['val/loss']:.4f}  val/top1 {m['val/top1']:.1f}  val/top5 {m['val/top5']:.1f}  "
@@ -504,7 +471,7 @@ def _publish_local(run_dir: str, ckpt_dir: str, metrics: dict, *, is_best: bool,
 def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None,
         prepare_loader: Optional[Callable[[DataLoader], Any]] = None, report: Optional[ReportFn] = None,
         resume_state_dir: Optional[str] = None, device: Optional[torch.device] = None,
-        num_threads: Optional[int] = None, on_epoch_end: Optional[Callable[[EpochInfo], None]] = None) -> FitResult:
+        num_threads: Optional[int] = None) -> FitResult:
     """Train ``cfg`` on this process (one DDP rank when a process group exists) and return the result.
 
     ``report(metrics, checkpoint_dir)`` is called on every rank each epoch, with a checkpoint
@@ -662,11 +629,6 @@ def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None
             latest_dir = ckpt_dir
             _publish_local(run_dir, ckpt_dir, metrics, is_best=is_best, history=state.history,
                            metric=cfg.checkpoint.metric, mode=cfg.checkpoint.mode, keep=cfg.checkpoint.num_to_keep)
-        if on_epoch_end is not None:
-            on_epoch_end(EpochInfo(epoch=epoch, metrics=metrics, is_best=is_best,
-                                   confusion_matrix=val["confusion_matrix"], class_names=class_names,
-                                   checkpoint_dir=ckpt_dir if report is None else None, model=eval_model))
-        _maybe_crash_for_test(epoch)
         if tc.patience and state.epochs_without_improvement >= tc.patience:
             stopped_early = True
             if dist_utils.is_main_process():
