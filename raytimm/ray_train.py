@@ -13,9 +13,7 @@ import datetime as _dt
 import json
 import logging
 import os
-import queue
 import tempfile
-import threading
 from typing import Any, Optional, Sequence
 
 from raytimm.logs import quiet_env
@@ -26,6 +24,8 @@ import ray  # noqa: E402
 import ray.train  # noqa: E402
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
 from ray.train import LoggingConfig  # noqa: E402
+# DeveloperAPI: the only hook that runs when the controller shuts down (see _CloseTracking).
+from ray.train.v2._internal.execution.callback import ControllerCallback  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
 from raytimm import storage  # noqa: E402
@@ -171,8 +171,8 @@ class TrackingCallback(ray.train.UserCallback):
     """Logs rank 0's metrics to MLflow and moves the `latest`/`best` pointers.
 
     Runs in the Train controller, after Ray has persisted the reported checkpoint, so a
-    pointer only ever names a complete checkpoint. MLflow calls go through a background
-    thread so a slow tracking server cannot hold up the controller.
+    pointer only ever names a complete checkpoint. Metrics go to the run's MLflow sender thread
+    (tracking.attach_logger), so a slow or dead tracking server never holds up the controller.
     """
 
     def __init__(self, *, run_dir: str, scheme: str, metric: str, mode: str, mlflow_kwargs: Optional[dict],
@@ -183,29 +183,28 @@ class TrackingCallback(ray.train.UserCallback):
         self.scheme = scheme
         self.metric = metric
         self.mode = mode
-        self.mlflow_kwargs = mlflow_kwargs
+        self.mlflow_kwargs = mlflow_kwargs  # tracking.attach_logger's arguments, or None
         self.best_value: Optional[float] = None
-        self._q: Optional[queue.Queue] = None
+        self._logger = None
 
     def __getstate__(self) -> dict:
         s = dict(self.__dict__)
-        s["_q"] = None
+        s["_logger"] = None  # a thread: made again in the controller
         return s
 
-    def _queue(self) -> queue.Queue:
-        if self._q is None:
-            self._q = queue.Queue()
-            threading.Thread(target=self._drain, args=(self._q,), daemon=True, name="raytimm-mlflow").start()
-        return self._q
+    def _log_metrics(self, metrics: dict, step: int) -> None:
+        if not self.mlflow_kwargs:
+            return
+        if self._logger is None:
+            from raytimm.tracking import attach_logger
 
-    def _drain(self, q: queue.Queue) -> None:
-        from raytimm.tracking import make_logger
+            self._logger = attach_logger(**self.mlflow_kwargs)
+        self._logger.log_metrics(metrics, step=step)
 
-        logger = make_logger(**self.mlflow_kwargs) if self.mlflow_kwargs else None
-        while True:
-            metrics, step = q.get()
-            if logger is not None:
-                logger.log_metrics(metrics, step=step)
+    def close(self) -> None:
+        """Send what is still queued (bounded), so the driver's final backfill finds it on the server."""
+        if self._logger is not None:
+            self._logger.close()
 
     def _better(self, value: float) -> bool:
         # Ties go to the later checkpoint, as in Ray's own ranking: the best pointer must name a
@@ -219,7 +218,7 @@ class TrackingCallback(ray.train.UserCallback):
 
         m = {k: float(v) for k, v in (metrics[0] if metrics else {}).items() if isinstance(v, (int, float))}
         if "epoch" in m:
-            self._queue().put((m, int(m["epoch"])))
+            self._log_metrics(m, int(m["epoch"]))
         if checkpoint is None:
             return
         if not self._configured:  # this runs in the controller process, which has its own storage settings
@@ -234,6 +233,20 @@ class TrackingCallback(ray.train.UserCallback):
         if value is not None and self._better(value):
             self.best_value = value
             write_best_pointer(self.run_dir, uri, m)
+
+
+class _CloseTracking(ControllerCallback):
+    """Closes TrackingCallback's MLflow sender when the controller shuts down.
+
+    UserCallback has no shutdown hook; without this the driver's end-of-run backfill could race
+    a send still in flight from the controller and log an epoch twice.
+    """
+
+    def __init__(self, tracking: TrackingCallback):
+        self.tracking = tracking  # the same object as in the UserCallback list (one pickled argument)
+
+    async def before_controller_shutdown(self):
+        self.tracking.close()
 
 
 def _pointer_metric(run_dir: str, metric: str, name: str = "best") -> Optional[float]:
@@ -349,7 +362,7 @@ def _completed(run_dir: str, epochs: int, patience: int = 0) -> Optional[dict]:
 def build_trainer(cfg: Config, *, run_name: str, callbacks: list, train_loop=None) -> TorchTrainer:
     """TorchTrainer for cfg: scaling, storage (local or bucket), checkpoint ranking, failures.
 
-    ``train_loop`` replaces ``train_loop_per_worker`` (tests wrap it to inspect each rank).
+    ``train_loop`` replaces ``train_loop_per_worker`` (benchmarks and tests wrap it to inspect each rank).
     """
     fs, fs_path = storage.get_filesystem(cfg.storage.path, endpoint_url=cfg.storage.endpoint_url,
                                          region=cfg.storage.region)
@@ -378,7 +391,7 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
     data/storage preflight, which a sweep runs once instead of once per trial.
     """
     from raytimm.checkpoint import read_pointer_info, write_best_pointer
-    from raytimm.tracking import default_tracking_uri, find_run, make_logger, ray_job_tags, scrub_secrets
+    from raytimm.tracking import default_tracking_uri, make_logger, ray_job_tags, scrub_secrets
 
     run_name = cfg.run.name or default_run_name(cfg)
     cfg = absolutize_paths(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=run_name)))
@@ -401,17 +414,18 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
     init_ray()
     check_resources(cfg)
 
-    # MLflow: one run per training run name, continued when the same run name comes back.
+    # MLflow: one run per training run name, continued when the same run name comes back. This
+    # process and the controller each hold one sender thread for it (tracking.MlflowLogger).
     mlflow_kwargs = None
     logger = None
     if cfg.mlflow.enabled:
         uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.storage.path)
-        run_id = find_run(uri, cfg.mlflow.experiment, run_name)
         logger = make_logger(enabled=True, tracking_uri=uri, experiment=cfg.mlflow.experiment, run_name=run_name,
-                             run_id=run_id, parent_run_id=mlflow_parent_run_id, timeout_s=cfg.mlflow.timeout_s)
+                             resume_by_name=True, parent_run_id=mlflow_parent_run_id, timeout_s=cfg.mlflow.timeout_s,
+                             cooldown_s=cfg.mlflow.retry_after_s)
         if logger.run_id:
-            mlflow_kwargs = dict(enabled=True, tracking_uri=uri, experiment=cfg.mlflow.experiment, run_name=run_name,
-                                 run_id=logger.run_id, timeout_s=cfg.mlflow.timeout_s)
+            mlflow_kwargs = dict(tracking_uri=uri, run_id=logger.run_id, timeout_s=cfg.mlflow.timeout_s,
+                                 cooldown_s=cfg.mlflow.retry_after_s)
             logger.log_params(scrub_secrets(flatten_config(cfg)))
             logger.set_tags({"raytimm.run_dir": run_dir, **ray_job_tags()})
             logger.log_text(dump_yaml(cfg), "config.yaml")
@@ -421,7 +435,8 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
     callback = TrackingCallback(run_dir=run_dir, scheme=scheme, metric=cfg.checkpoint.metric,
                                 mode=cfg.checkpoint.mode, mlflow_kwargs=mlflow_kwargs,
                                 endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
-    trainer = build_trainer(cfg, run_name=run_name, callbacks=[callback, *callbacks], train_loop=train_loop)
+    trainer = build_trainer(cfg, run_name=run_name, callbacks=[callback, _CloseTracking(callback), *callbacks],
+                            train_loop=train_loop)
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; name the run and keep the cause's message
@@ -443,9 +458,8 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
                       latest_checkpoint=latest_uri, mlflow_run_id=logger.run_id if logger else None,
                       epochs=int((result.metrics or {}).get("epoch", 0)))
     if logger is not None:
-        # A fresh logger on the same run knows every (metric, epoch) the controller's thread
-        # logged, so the backfill from the checkpoint history adds only what it had not sent yet.
-        logger = make_logger(**mlflow_kwargs)
+        # The backfill re-reads the server's history first, so it adds only the epochs the
+        # controller could not send (a tracking outage), each once.
         _log_final_artifacts(logger, best_uri, out)
         logger.finish("FINISHED")
     return out
@@ -479,9 +493,7 @@ def _log_final_artifacts(logger, best_uri: Optional[str], out: TrainResult) -> N
         log.warning("could not read checkpoint metadata for MLflow artifacts: %s", e)
         return
     history = latest.get("history") or []
-    for h in history:
-        if "epoch" in h:
-            logger.log_metrics({k: float(v) for k, v in h.items() if isinstance(v, (int, float))}, step=int(h["epoch"]))
+    logger.backfill(history)
     with tempfile.TemporaryDirectory() as tmp:
         names = best.get("class_names") or latest.get("class_names") or []
         p = os.path.join(tmp, "classes.txt")
