@@ -31,7 +31,7 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 from raytimm import storage  # noqa: E402
 from raytimm.envvars import forwarded_env  # noqa: E402
 from raytimm.config import Config, config_from_dict, config_to_dict, dump_yaml, flatten_config  # noqa: E402
-from raytimm.errors import CheckpointError, RaytimmError  # noqa: E402
+from raytimm.errors import CheckpointError, RaytimmError, is_retryable  # noqa: E402
 
 log = logging.getLogger("raytimm.train")
 
@@ -249,6 +249,20 @@ class _CloseTracking(ControllerCallback):
         self.tracking.close()
 
 
+class FailFastCallback(ray.train.UserCallback):
+    """Fails the run at the first worker error that a restart cannot fix (errors.is_retryable).
+
+    Ray Train retries every worker error up to FailureConfig.max_failures; an error raised from a
+    callback is a controller error, which its default failure policy does not retry. The worker's
+    own exception rides along as ``ControllerError.controller_failure``.
+    """
+
+    def after_exception(self, run_context, worker_exceptions: dict) -> None:
+        for _, error in sorted(worker_exceptions.items()):
+            if not is_retryable(error):
+                raise ray.train.ControllerError(error)
+
+
 def _pointer_metric(run_dir: str, metric: str, name: str = "best") -> Optional[float]:
     from raytimm.checkpoint import read_pointer_info
 
@@ -374,7 +388,7 @@ def build_trainer(cfg: Config, *, run_name: str, callbacks: list, train_loop=Non
                                            checkpoint_score_attribute=cfg.checkpoint.metric,
                                            checkpoint_score_order=cfg.checkpoint.mode),
         failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-        callbacks=callbacks,
+        callbacks=[FailFastCallback(), *callbacks],
         worker_runtime_env={"env_vars": worker_env()},
         # Ray Train's own INFO lines (worker group set-up, every report) are not actionable.
         logging_config=LoggingConfig(log_level="DEBUG" if _verbose() else "WARNING"),
@@ -439,15 +453,14 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
                             train_loop=train_loop)
     try:
         result = trainer.fit()
-    except Exception as e:  # Ray wraps worker errors; name the run and keep the cause's message
+    except Exception as e:
         if logger is not None:
             logger.finish("FAILED")
-        cause = e.__cause__ or e
-        raise RaytimmError(f"training run {run_name!r} failed: {type(cause).__name__}: {cause}") from None
+        raise training_error(run_name, e) from None
     if result.error is not None:
         if logger is not None:
             logger.finish("FAILED")
-        raise RaytimmError(f"training run {run_name!r} failed: {result.error}")
+        raise training_error(run_name, result.error)
 
     best_ckpt, best_metrics = _best(result, cfg.checkpoint.metric, cfg.checkpoint.mode)
     best_uri = checkpoint_uri(best_ckpt.path, scheme) if best_ckpt else None
@@ -463,6 +476,26 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
         _log_final_artifacts(logger, best_uri, out)
         logger.finish("FINISHED")
     return out
+
+
+def training_error(run_name: str, error: BaseException) -> RaytimmError:
+    """One line for a failed run: a worker's raytimm error as it was raised, else the first failure named."""
+    from ray.train import ControllerError, WorkerGroupError
+
+    cause = error.__cause__ or error
+    if isinstance(error, ControllerError):
+        cause = error.controller_failure  # FailFastCallback carries the worker's own error here
+    elif isinstance(error, WorkerGroupError) and error.worker_failures:
+        rank, cause = min(error.worker_failures.items())
+        if isinstance(cause, RaytimmError):
+            return cause  # e.g. a StorageError that outlasted run.max_failures restarts
+        first = (str(cause).strip().splitlines() or [""])[0]
+        return RaytimmError(f"training run {run_name!r} failed on worker rank {rank}: {type(cause).__name__}: "
+                            f"{first} (see the worker log above)")
+    if isinstance(cause, RaytimmError):
+        return cause
+    first = (str(cause).strip().splitlines() or [""])[0]
+    return RaytimmError(f"training run {run_name!r} failed: {type(cause).__name__}: {first}")
 
 
 def _best(result, metric: str, mode: str) -> tuple[Optional[Checkpoint], dict]:
