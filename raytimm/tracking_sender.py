@@ -50,9 +50,9 @@ class Sender:
     """Delivers one run's tracking data from a daemon thread, with a cooldown after each failure."""
 
     def __init__(self, sink: Sink, *, where: str, cooldown_s: float, describe: Callable[[BaseException], str],
-                 synced: bool = False, max_metrics: int = MAX_PENDING_METRICS, max_files: int = MAX_PENDING_FILES):
+                 max_metrics: int = MAX_PENDING_METRICS, max_files: int = MAX_PENDING_FILES):
         """``where`` names the server in warnings (no credentials); ``describe`` turns an error into one
-        short line; ``synced`` says the server's history is known already (a run just created)."""
+        short line. The first pass reads the server's history unless ``mark_synced`` gave it."""
         self._sink = sink
         self._where = where
         self._what = "sync"  # the call in progress, for the warning
@@ -70,7 +70,7 @@ class Sender:
         # Known to be on the server (from sync and from calls that succeeded).
         self.known_params: dict[str, str] = {}
         self.known_steps: set[tuple[str, int]] = set()
-        self._need_sync = not synced
+        self._need_sync = True
         self._sync_asked = 0  # resync() calls so far
         self._down_until = 0.0
         self._in_outage = False
@@ -178,6 +178,7 @@ class Sender:
             self._cond.notify_all()
 
     def set_status(self, status: str) -> None:
+        """Queue the run's final status; it is sent after everything queued before it."""
         with self._cond:
             self._status = status
             self._cond.notify_all()
@@ -218,6 +219,7 @@ class Sender:
             return ", ".join(parts)
 
     def discard_pending(self) -> None:
+        """Forget what is still unsent (after a final attempt failed)."""
         with self._cond:
             self._params.clear()
             self._tags.clear()
@@ -336,7 +338,7 @@ class Sender:
             self._urgent_failed = True
         if not self._in_outage:
             self._in_outage = True
-            log.warning("MLflow %s to %s failed (%s); training continues, retrying every %.0fs and sending "
+            log.warning("MLflow %s to %s failed (%s); training continues, retrying every %gs and sending "
                         "what was missed once it answers", self._what, self._where, self._describe(exc),
                         self._cooldown_s)
         else:

@@ -1,5 +1,6 @@
-"""Ray Train end to end on a real local Ray: DDP over 2 CPU workers, exact metrics, fault recovery,
-resume by run name, MLflow against a real server.
+"""Ray Train end to end on a real local Ray: DDP over 2 CPU workers, exact metrics, fault recovery
+(a SIGKILLed worker, a tracking server that goes away), errors that must not be retried, resume by
+run name, MLflow against a real server.
 
 One Ray instance serves the module. Models are tiny and data is the synthetic demo set.
 """
@@ -126,18 +127,17 @@ def test_ddp_two_workers_exact_metrics_and_identical_weights(ray_local, demo_dat
     assert result.best_metrics["val/top1"] >= 90.0
 
 
-def _recording_loop_factory(out_dir: str, hold_run_dir: str | None = None):
+def _recording_loop_factory(out_dir: str, hold_after_epoch: int | None = None, release_file: str | None = None):
     """The real per-worker loop, after a line per worker start: rank, pid, the checkpoint it resumes from.
 
-    With ``hold_run_dir``, each worker of the first attempt waits after reporting epoch 1 until the
-    controller has published that checkpoint as `latest`, so a kill in epoch 2 has a known latest.
+    With ``hold_after_epoch``, each worker of a run that did not resume waits after reporting that
+    epoch until ``release_file`` exists, so the test can act at a known point of the run.
     """
 
     def loop(config):
         import ray.train
 
         from raytimm import ray_train
-        from raytimm.checkpoint import read_pointer_info
 
         latest = ray.train.get_checkpoint()
         line = {"rank": ray.train.get_context().get_world_rank(), "pid": os.getpid(),
@@ -148,9 +148,9 @@ def _recording_loop_factory(out_dir: str, hold_run_dir: str | None = None):
 
         def held_report(metrics, *args, **kwargs):
             report(metrics, *args, **kwargs)
-            if hold_run_dir and latest is None and int(metrics["epoch"]) == 1:
-                deadline = time.monotonic() + 120
-                while not read_pointer_info(hold_run_dir, "latest") and time.monotonic() < deadline:
+            if latest is None and int(metrics["epoch"]) == hold_after_epoch:
+                deadline = time.monotonic() + 300
+                while not os.path.exists(release_file) and time.monotonic() < deadline:
                     time.sleep(0.05)
 
         ray.train.report = held_report
@@ -203,7 +203,8 @@ def test_sigkilled_worker_resumes_and_mlflow_has_each_epoch_once(ray_local, demo
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    result = train(cfg, train_loop=_recording_loop_factory(str(tmp_path), hold_run_dir=str(run_dir)))
+    # The workers wait after epoch 1 until the controller has published it as `latest`.
+    result = train(cfg, train_loop=_recording_loop_factory(str(tmp_path), 1, str(run_dir / "latest")))
     thread.join(timeout=5)
     assert "RayTrainWorker" in killed.get("title", ""), killed  # the real Train worker actor process
     assert result.epochs == 3 and result.status == "finished"
@@ -299,3 +300,75 @@ def test_workers_that_cannot_fit_a_local_ray_fail_fast_naming_the_key(ray_local,
     with pytest.raises(RaytimmError, match=r"needs 1 GPU \(cluster has 0\).*scaling.use_gpu=false"):
         train(_cfg(root, tmp_path / "runs", "run.name=nogpu", "scaling.num_workers=1", "scaling.use_gpu=true"))
     assert not (tmp_path / "runs" / "toobig").exists()
+
+
+def _wait_for_checkpoint(run_dir: Path, epoch: int, done: threading.Event, deadline: float) -> bool:
+    """True once checkpoint_<epoch> is complete in the run folder (False if the run ended first)."""
+    meta = run_dir / f"checkpoint_{epoch:06d}" / "meta.json"
+    while not meta.exists():
+        if done.is_set() or time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.mlflow_server
+def test_run_survives_tracking_server_loss_and_mlflow_has_each_epoch_once(ray_local, demo_data, tmp_path):
+    """Tracking server loss during a real run: its `mlflow server` is killed at epoch 2 and started
+    again (same port, same store) at epoch 4 of 6. The run finishes normally and MLflow ends with
+    every epoch's metrics exactly once. The outage follows the run's checkpoints, not the clock."""
+    from mlflow import MlflowClient
+
+    from raytimm.ray_train import train
+    from tests.fixtures.mlflow_server import MlflowServer
+
+    root, _ = demo_data
+    epochs = 6
+    server = MlflowServer(tmp_path / "mlflow")
+    uri = server.start()
+    # A dead server refuses at once, so a long timeout costs nothing here; a short retry makes the
+    # controller's sender send what it missed while the run goes on.
+    cfg = _cfg(root, tmp_path / "runs", "run.name=outage", "scaling.num_workers=2", f"train.epochs={epochs}",
+               "model.name=test_resnet", "model.img_size=32", "mlflow.enabled=true", f"mlflow.tracking_uri={uri}",
+               "mlflow.experiment=outage", "mlflow.timeout_s=30", "mlflow.retry_after_s=2")
+    run_dir = tmp_path / "runs" / "outage"
+    done = threading.Event()
+    events: dict = {}
+
+    def outage():
+        deadline = time.monotonic() + 600
+        # Killed while epoch 2 trains, started again while epoch 4 trains (the workers wait after
+        # epoch 4 until it answers, so a slow start on a busy machine cannot outlast the run).
+        if not _wait_for_checkpoint(run_dir, 1, done, deadline):
+            return
+        server.kill()
+        events["killed"] = True
+        if not _wait_for_checkpoint(run_dir, 3, done, deadline):
+            return
+        server.start()
+        events["back_before_epoch_5"] = not (run_dir / "checkpoint_000005").exists()
+        release.touch()
+
+    release = tmp_path / "server-is-back"
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    try:
+        result = train(cfg, train_loop=_recording_loop_factory(str(tmp_path), 4, str(release)))
+    finally:
+        done.set()
+        thread.join(timeout=240)
+    try:
+        assert events == {"killed": True, "back_before_epoch_5": True}, events
+        assert result.status == "finished" and result.epochs == epochs
+        assert result.mlflow_run_id
+
+        client = MlflowClient(uri)
+        run = client.get_run(result.mlflow_run_id)
+        assert run.info.status == "FINISHED"
+        for key in ("train/loss", "train/top1", "val/loss", "val/top1", "val/top5", "lr", "throughput", "epoch"):
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            assert steps == list(range(1, epochs + 1)), (key, steps)
+        assert run.data.params["train.epochs"] == str(epochs)
+        assert run.data.tags["raytimm.best_checkpoint"] == result.best_checkpoint
+    finally:
+        server.stop()
