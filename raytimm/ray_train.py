@@ -443,6 +443,8 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
             logger.log_params(scrub_secrets(flatten_config(cfg)))
             logger.set_tags({"raytimm.run_dir": run_dir, **ray_job_tags()})
             logger.log_text(dump_yaml(cfg), "config.yaml")
+            # On the server before any worker starts: a Tune trial's driver may be stopped (killed) early.
+            logger.flush()
         else:
             logger = None  # tracking unreachable: make_logger warned once; train without it
 
