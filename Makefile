@@ -39,6 +39,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/tune_asha.py
 	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/serve_soak.py
+	$(PY) benchmarks/serve_replica_loss.py
 
 clean:
 	rm -rf $(DEMO) runs .pytest_cache

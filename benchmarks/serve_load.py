@@ -15,7 +15,6 @@ they compete with the server for CPU; the ratios printed are what this machine g
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import signal
@@ -26,15 +25,16 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import requests
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.loadgen import photo_like  # noqa: E402
 from tests.helpers_net import free_port  # noqa: E402
 
 
@@ -58,13 +58,7 @@ def make_checkpoint(model_name: str, num_classes: int, out_dir: str) -> str:
 
 def sample_jpeg(seed: int = 0, size=(256, 256)) -> bytes:
     """A photo-like JPEG (smooth gradients plus noise) of about the size clients send."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size[1], 0:size[0]]
-    base = np.stack([xx * 255 / size[0], yy * 255 / size[1], (xx + yy) * 127 / sum(size)], axis=2)
-    arr = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    return photo_like(seed, size, "JPEG")
 
 
 def raw_batched_throughput(checkpoint: str, threads: int, batch_size: int, seconds: float) -> float:
@@ -94,12 +88,12 @@ def rebuild_per_request_rate(checkpoint: str, threads: int, image: bytes, repeat
 
 
 def start_server(checkpoint: str, port: int, num_cpus: float, max_batch_size: int, batch_wait_ms: float,
-                 log_path: str) -> subprocess.Popen:
-    """`raytimm serve` as a subprocess (the real CLI); returns once /healthz answers."""
+                 log_path: str, extra_args: Sequence[str] = ()) -> subprocess.Popen:
+    """`raytimm serve` as a subprocess (the real CLI, plus ``extra_args``); returns once /healthz answers."""
     exe = shutil.which("raytimm", path=os.path.dirname(sys.executable)) or shutil.which("raytimm")
     cmd = [exe] if exe else [sys.executable, "-c", "import sys; from raytimm.cli import main; sys.exit(main())"]
     cmd += ["serve", "--checkpoint", checkpoint, "--port", str(port), "--num-cpus", str(num_cpus),
-            "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(batch_wait_ms)]
+            "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(batch_wait_ms), *extra_args]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.pop("RAYTIMM_API_TOKEN", None)
     log = open(log_path, "w")

@@ -35,7 +35,8 @@ LRS = [3e-2, 1e-2, 5e-3, 3e-3, 1e-3, 3e-4, 1e-4, 1e-7]
 def run_sweep(scheduler: str, *, data: str, runs: str, epochs: int, model: str, size: int, quiet: bool) -> dict:
     """One sweep; returns trial-epochs (scheduled and trained), best val/top1, wall time."""
     from raytimm.config import load_config
-    from raytimm.ray_tune import trial_checkpoints, tune
+    from raytimm.ray_tune import tune
+    from raytimm.tune_results import trial_checkpoints
 
     space = "{train.lr: {grid: [" + ", ".join(f"{lr:g}" for lr in LRS) + "]}}"
     cfg = load_config(str(ROOT / "configs/tune/demo_asha.yaml"),

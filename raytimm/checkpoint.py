@@ -8,7 +8,8 @@ A checkpoint is a folder::
     train_state.pt      optimizer/scheduler/scaler/EMA/RNG state, for resuming only
 
 A run or tune folder holds a small JSON ``best`` (and ``latest``) pointer file naming a checkpoint,
-written only once that checkpoint is complete. Every path here may be local, ``file://``,
+written only once that checkpoint is complete. This module owns the pointer's format; when a
+pointer moves, and which checkpoint is best, is the run folder's policy (``runs.py``). Every path here may be local, ``file://``,
 ``s3://`` or ``r2://``; remote access goes through :mod:`raytimm.storage`.
 
 Serving never unpickles: ``meta.json`` is JSON, ``model.safetensors`` is safetensors, and the two
@@ -35,6 +36,7 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
 TRAIN_STATE_FILE = "train_state.pt"
+ONNX_FILE = "model.onnx"  # an ONNX export folder (raytimm.export) has this instead of model.safetensors
 BEST_POINTER = "best"
 LATEST_POINTER = "latest"
 # Run folder -> tune folder -> trial run folder -> checkpoint is the deepest chain we produce.
@@ -43,7 +45,8 @@ MAX_POINTER_DEPTH = 3
 
 @dataclass(frozen=True)
 class ResolvedCheckpoint:
-    """A concrete checkpoint: ``kind`` is ``"folder"`` (safetensors + meta) or ``"legacy_pt"``."""
+    """A concrete checkpoint: ``kind`` is ``"folder"`` (safetensors + meta), ``"onnx"`` (an export folder:
+    model.onnx + meta.json) or ``"legacy_pt"``."""
 
     kind: str
     uri: str
@@ -69,10 +72,7 @@ def is_remote_uri(uri: str) -> bool:
 
 def _local_path(uri: str | os.PathLike) -> Path:
     """Local path for a plain path or file:// URI."""
-    s = os.fspath(uri)
-    if s.startswith("file://"):
-        s = s[len("file://"):]
-    return Path(s).expanduser()
+    return Path(storage.local_path(uri))
 
 
 def join_uri(base: str, name: str) -> str:
@@ -99,7 +99,7 @@ def _read_bytes(uri: str) -> bytes:
     path = _local_path(uri)
     if not path.is_file():
         raise CheckpointNotFound(f"checkpoint file not found: {path}")
-    return path.read_bytes()
+    return storage.read_bytes(str(path))  # an unreadable file is a StorageError naming it, not "missing"
 
 
 class _LocalCopy:
@@ -378,6 +378,8 @@ def read_pointer_info(run_dir_uri: str, name: str = BEST_POINTER) -> dict | None
     try:
         info = json.loads(raw)
     except json.JSONDecodeError:
+        if not raw or any(ord(c) < 32 or c == "\ufffd" for c in raw):
+            raise CheckpointError(f"pointer {pointer_uri} is corrupt: neither JSON nor a checkpoint path") from None
         info = {"checkpoint": raw}  # a plain-text pointer holding just the path
     if not isinstance(info, dict) or not isinstance(info.get("checkpoint"), str) or not info["checkpoint"]:
         raise CheckpointError(f"pointer {pointer_uri} does not name a checkpoint")
@@ -394,11 +396,6 @@ def read_pointer(run_dir_uri: str, name: str = BEST_POINTER) -> str | None:
     """The checkpoint URI a `best`/`latest` pointer names (absolute), or None."""
     info = read_pointer_info(run_dir_uri, name)
     return info["checkpoint"] if info else None
-
-
-def read_best_pointer(run_dir_uri: str) -> str | None:
-    """Shorthand for ``read_pointer(run_dir_uri, "best")``."""
-    return read_pointer(run_dir_uri, BEST_POINTER)
 
 
 # ----------------------------------------------------------------------------- resolve
@@ -420,7 +417,7 @@ def resolve_checkpoint(uri: str | os.PathLike, *, _depth: int = 0) -> ResolvedCh
             raise CheckpointNotFound(f"checkpoint not found: {uri}")
         return ResolvedCheckpoint("legacy_pt", uri)
     # A file inside a checkpoint folder (meta.json / model.safetensors) means its folder.
-    if uri.endswith("/" + META_FILE) or uri.endswith("/" + MODEL_FILE):
+    if uri.endswith(("/" + META_FILE, "/" + MODEL_FILE, "/" + ONNX_FILE)):
         return resolve_checkpoint(uri.rsplit("/", 1)[0], _depth=_depth)
 
     if not remote and not _local_path(uri).exists():
@@ -430,6 +427,8 @@ def resolve_checkpoint(uri: str | os.PathLike, *, _depth: int = 0) -> ResolvedCh
                               "give a checkpoint folder, a run folder or a .pt file")
 
     if _exists(join_uri(uri, META_FILE)):
+        if not _exists(join_uri(uri, MODEL_FILE)) and _exists(join_uri(uri, ONNX_FILE)):
+            return ResolvedCheckpoint("onnx", uri)
         if not _exists(join_uri(uri, MODEL_FILE)):
             raise CheckpointError(f"checkpoint {uri} is incomplete: {MODEL_FILE} is missing")
         return ResolvedCheckpoint("folder", uri)

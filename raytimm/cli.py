@@ -12,7 +12,7 @@ import os
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 from raytimm import __version__
 from raytimm.errors import RaytimmError
@@ -103,7 +103,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     out = evaluate_checkpoint(a.checkpoint, a.data, split=a.split, batch_size=a.batch_size,
                               predictions_csv=a.predictions, model_name=a.model_name,
-                              num_classes=a.num_classes)
+                              num_classes=a.num_classes, backend=a.backend)
     if a.predictions:
         from raytimm.plots import confusion_matrix_png
 
@@ -117,13 +117,95 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(a: argparse.Namespace) -> int:
-    from raytimm.serve import run_server
+def cmd_export(a: argparse.Namespace) -> int:
+    from raytimm.export import export_checkpoint
 
-    run_server(checkpoint=a.checkpoint, host=a.host, port=a.port, replicas=a.replicas,
-               max_batch_size=a.max_batch_size, batch_wait_ms=a.batch_wait_ms, allow=a.allow,
-               max_upload_mb=a.max_upload_mb, max_models=a.max_models, num_cpus=a.num_cpus,
-               num_gpus=a.num_gpus, model_name=a.model_name, num_classes=a.num_classes)
+    result = export_checkpoint(a.checkpoint, output=a.output, opset=a.opset, img_size=a.img_size,
+                               check_images=a.check_images, model_name=a.model_name, num_classes=a.num_classes)
+    print(result.describe())
+    _write_json(a.result_json, result.to_dict())
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from raytimm.serve.settings import given_flags, settings_from_cli
+
+    settings = settings_from_cli(a.config, given_flags(a))
+    if a.config:  # the file's storage section names the endpoint checkpoints are read from, here and in replicas
+        from raytimm import storage
+        from raytimm.config import load_config
+
+        section = load_config(a.config).storage
+        storage.configure(endpoint_url=section.endpoint_url, region=section.region)
+    from raytimm.serve.server import run_server
+
+    run_server(settings)
+    return 0
+
+
+def _cache_folder(a: argparse.Namespace) -> str:
+    from raytimm import cache
+
+    root = cache.cache_root(a.cache_dir)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise RaytimmError(f"cache folder {root} is not a folder; give --cache-dir a folder")
+    if a.cache_dir and not os.path.isdir(root):
+        raise RaytimmError(f"--cache-dir {a.cache_dir}: no such folder")
+    return root
+
+
+def cmd_cache_ls(a: argparse.Namespace) -> int:
+    from raytimm import cache
+
+    root = _cache_folder(a)
+    entries = cache.list_entries(root)
+    total = cache.total_bytes(root)
+    if a.json:
+        print(json.dumps({"cache_dir": root, "total_bytes": total, "entries": [e.to_dict() for e in entries]},
+                         indent=2, ensure_ascii=False))
+        return 0
+    if not entries:
+        print(f"no cache entries in {root}")
+        return 0
+    print(f"{'KIND':<8} {'SIZE':>9}  {'LAST USED':<19}  {'IN USE':<6}  SOURCE")
+    for e in entries:
+        print(f"{e.kind:<8} {cache.format_size(e.size):>9}  {e.to_dict()['last_used'].replace('T', ' '):<19}  "
+              f"{'yes' if e.in_use else 'no':<6}  {e.source}")
+    print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {cache.format_size(total)} in {root}")
+    return 0
+
+
+def cmd_cache_prune(a: argparse.Namespace) -> int:
+    from raytimm import cache
+
+    if a.max_gb is not None and not a.max_gb > 0:
+        raise RaytimmError(f"--max-gb {a.max_gb:g}: expected a size in GB > 0 (--all removes every entry not in use)")
+    root = _cache_folder(a)
+    limit = 0 if a.all else int((a.max_gb if a.max_gb is not None else _default_cache_max_gb()) * cache.GB)
+    report = cache.prune(root, max_bytes=limit)
+    for e in report.removed:
+        print(f"removed  {e.kind:<8} {cache.format_size(e.size):>9}  {e.source}")
+    for e in report.kept_in_use:
+        print(f"in use   {e.kind:<8} {cache.format_size(e.size):>9}  {e.source}  (kept)")
+    print(f"{len(report.removed)} removed; {cache.format_size(report.total_bytes)} left in {root}"
+          + ("" if a.all else f" (limit {cache.format_size(limit)})"))
+    return 0
+
+
+def _default_cache_max_gb() -> float:
+    from raytimm.config import Config
+
+    return Config().data.cache_max_gb
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from raytimm.runs import format_progress, progress_uri, read_progress
+
+    progress = read_progress(a.run_dir)
+    if progress is None:
+        raise RaytimmError(f"{progress_uri(a.run_dir)} does not exist: not a run folder, or its run has not "
+                           f"started yet (give <storage.path>/<run.name>)")
+    print(json.dumps(progress, indent=2, ensure_ascii=False) if a.json else format_progress(progress))
     return 0
 
 
@@ -225,28 +307,76 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--result-json", help="write top1, top5, loss, num_samples, per_class here")
     s.add_argument("--model-name", help="timm model name (legacy .pt checkpoints only)")
     s.add_argument("--num-classes", type=int, help="number of classes (legacy .pt checkpoints only)")
+    s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="inference backend (default torch); onnx exports the checkpoint once into the node cache "
+                        "unless it is an export folder already (needs raytimm[onnx])")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("export", help="export a checkpoint to ONNX, checked against PyTorch", formatter_class=fmt,
+                       description=textwrap.dedent("""\
+                           Export a checkpoint (folder, run/tune folder, or legacy .pt; local, s3:// or r2://) to a
+                           folder holding model.onnx (batch axis dynamic) and meta.json (the checkpoint's, plus
+                           format, opset, source_checkpoint and the parity figures). PyTorch and ONNX Runtime run
+                           the same probe batch first; the export fails when their logits differ by more than
+                           1e-3 x max |logit| + 1e-6. Needs raytimm[onnx]."""))
+    s.add_argument("--checkpoint", required=True, help="checkpoint URI (a run folder means its best checkpoint)")
+    s.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
+    s.add_argument("--output", help="folder or bucket URI to write (default: <checkpoint folder>/onnx, "
+                                    "or <name>_onnx beside a legacy .pt)")
+    s.add_argument("--opset", type=int, help="ONNX opset, 18 or newer (default: raytimm.export.DEFAULT_OPSET, 20)")
+    s.add_argument("--img-size", type=int, help="export for this input size instead of the checkpoint's")
+    s.add_argument("--check-images", metavar="DIR",
+                   help="also compare on up to 64 real images of this folder, through the serving eval transform")
+    s.add_argument("--result-json", help="write the output, opset, size, export time and parity figures here")
+    s.add_argument("--model-name", help="timm model name (legacy .pt checkpoints only)")
+    s.add_argument("--num-classes", type=int, help="number of classes (legacy .pt checkpoints only)")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve", help="serve top-k predictions over HTTP with Ray Serve", formatter_class=fmt,
                        description=textwrap.dedent("""\
-                           Start Ray Serve with the checkpoint and block until Ctrl-C. Prints the URL when
-                           /healthz answers. Endpoints: POST /predict, POST /inference/quick, GET /healthz,
-                           GET /model. Set RAYTIMM_API_TOKEN to require `Authorization: Bearer <token>`."""))
-    s.add_argument("--checkpoint", required=True, help="checkpoint URI (folder, run/tune folder, legacy .pt)")
-    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    s.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
-    s.add_argument("--max-batch-size", type=int, default=16, help="largest batch per model call (default 16)")
-    s.add_argument("--batch-wait-ms", type=float, default=10.0, help="wait to fill a batch (default 10 ms)")
-    s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20 MiB)")
-    s.add_argument("--max-models", type=int, default=4, help="checkpoints cached per replica for /inference/quick")
-    s.add_argument("--allow", action="append", default=[], metavar="PREFIX",
-                   help="storage prefix /inference/quick may load from (repeatable; default: the checkpoint's root)")
-    s.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
-    s.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica, fractions allowed (default 0)")
-    s.add_argument("--model-name", help="timm model name (legacy .pt checkpoints only)")
-    s.add_argument("--num-classes", type=int, help="number of classes (legacy .pt checkpoints only)")
+                           Start Ray Serve with the checkpoint and block until Ctrl-C or SIGTERM (both let
+                           requests in flight finish, up to --drain-timeout-s; SIGTERM exits 0). Prints the URL
+                           when /healthz answers. Endpoints: POST /predict, POST /inference/quick, GET /healthz,
+                           GET /model, GET /openapi.json. Set RAYTIMM_API_TOKEN to require
+                           `Authorization: Bearer <token>`.
+                           Settings come from the --config file's serve: section (the keys `raytimm
+                           config-keys` lists as serve.*); a flag given here overrides it."""))
+    s.add_argument("--config", help="raytimm config YAML whose serve: section sets the defaults (flags override it)")
+    from raytimm.serve.settings import add_arguments  # one flag per serve setting, docs and defaults included
+    add_arguments(s)
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("cache", help="list or prune this machine's cache of staged datasets and DICE conversions",
+                       formatter_class=fmt, description=textwrap.dedent("""\
+                           Training stages s3:// and r2:// datasets and converts DICE exports into a node-local
+                           cache (data.cache_dir; each node of a cluster has its own). After a new entry is added,
+                           the least recently used entries are removed until the cache fits data.cache_max_gb
+                           (default 50 GB). An entry is "in use" while a process that staged or read it (a
+                           training worker, `raytimm evaluate`) runs; in-use entries are never removed.
+                           The folder is --cache-dir, else $RAYTIMM_CACHE_DIR, else ~/.cache/raytimm."""))
+    csub = s.add_subparsers(dest="action", metavar="ACTION", required=True)
+    c = csub.add_parser("ls", help="list entries: kind, size, last use, in use, source", formatter_class=fmt,
+                        description="List the cache's entries, most recently used first.")
+    c.add_argument("--cache-dir", help="cache folder (default $RAYTIMM_CACHE_DIR, else ~/.cache/raytimm)")
+    c.add_argument("--json", action="store_true", help="print JSON: cache_dir, total_bytes and entries")
+    c.set_defaults(func=cmd_cache_ls)
+    c = csub.add_parser("prune", help="remove least recently used entries that are not in use", formatter_class=fmt,
+                        description=textwrap.dedent("""\
+                            Remove entries that are not in use, least recently used first, until the cache
+                            holds at most --max-gb (default: data.cache_max_gb's default, 50), or all of them
+                            with --all. Training does this by itself after each new entry."""))
+    c.add_argument("--cache-dir", help="cache folder (default $RAYTIMM_CACHE_DIR, else ~/.cache/raytimm)")
+    which = c.add_mutually_exclusive_group()
+    which.add_argument("--max-gb", type=float, help="size to prune down to, in GB (10^9 bytes)")
+    which.add_argument("--all", action="store_true", help="remove every entry that is not in use")
+    c.set_defaults(func=cmd_cache_prune)
+    s = sub.add_parser("status", help="where a run stands: its progress.json, local or in a bucket",
+                       formatter_class=fmt, description=textwrap.dedent("""\
+                           Print a run's state, epoch, latest and best metrics from <run folder>/progress.json,
+                           which every run rewrites after each epoch (also runs started by `ray job submit`)."""))
+    s.add_argument("run_dir", metavar="RUN_DIR|URI", help="run folder: <storage.path>/<run.name>, local, s3:// or r2://")
+    s.add_argument("--json", action="store_true", help="print progress.json as it is")
+    s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("config-keys", help="list every config key with its default and meaning")
     s.set_defaults(func=cmd_config_keys)

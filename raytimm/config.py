@@ -21,6 +21,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from raytimm.errors import ConfigError
+from raytimm.metrics import RANKING_METRICS as METRIC_NAMES  # torch-free import (see metrics.py)
+from raytimm.serve.settings import ServeSettings, section_docs, validate_section
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
@@ -36,13 +38,15 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
 
 
 @dataclass
-class DataConfig:
+class DataSection:
     path: str = _f("", "Dataset root: an ImageFolder (train/ and optional val/) or a DICE export; local, s3:// or r2://.")
     format: Literal["imagefolder", "dice"] = _f("imagefolder", "Dataset layout: imagefolder or dice (converted to a cached ImageFolder).")
     split_ratio: float = _f(0.8, "Train fraction when the dataset has no val/ folder (stratified, deterministic split).")
     split_seed: int = _f(42, "Seed of the train/val split when there is no val/ folder.")
     num_workers: int = _f(2, "DataLoader worker processes per training worker.")
     cache_dir: str = _f("~/.cache/raytimm", "Node-local cache for staged datasets, DICE conversions and weights.")
+    cache_max_gb: float = _f(50.0, "Size limit (GB) of the cache's staged datasets and DICE conversions: after a new "
+                                   "one, the least recently used entries not in use are removed. Must be > 0.")
     max_image_pixels: int = _f(64_000_000, "Images with more pixels are refused (decompression-bomb guard).")
     verify_images: bool = _f(True, "Open every image header at scan time so unreadable files are reported, not crashed on.")
     rrc: bool = _f(True, "Train augmentation: RandomResizedCrop (else a plain resize to the input size).")
@@ -55,6 +59,8 @@ class DataConfig:
         _check(0.0 < self.split_ratio < 1.0, f"{p}.split_ratio", self.split_ratio, "a number in (0, 1)")
         _check(self.num_workers >= 0, f"{p}.num_workers", self.num_workers, ">= 0")
         _check(self.max_image_pixels > 0, f"{p}.max_image_pixels", self.max_image_pixels, "> 0")
+        _check(self.cache_max_gb > 0, f"{p}.cache_max_gb", self.cache_max_gb,
+               "a size in GB > 0 (`raytimm cache prune --all` empties the cache)")
         for key in ("rrc_scale", "rrc_ratio"):
             v = getattr(self, key)
             _check(len(v) == 2 and 0 < v[0] <= v[1], f"{p}.{key}", v, "[min, max] with 0 < min <= max")
@@ -64,7 +70,7 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelSection:
     name: str = _f("resnet18", "timm model name, e.g. resnet50, efficientnet_b0, vit_small_patch16_224.")
     pretrained: bool = _f(False, "Start from pretrained weights (pretrained_file, $RAYTIMM_WEIGHTS_DIR, then the hub).")
     pretrained_file: Optional[str] = _f(None, "Pretrained weights file (path or s3:// / r2:// URI); the head is adapted.")
@@ -85,7 +91,7 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainSection:
     epochs: int = _f(10, "Number of epochs.")
     batch_size: int = _f(32, "Batch size per worker.")
     eval_batch_size: Optional[int] = _f(None, "Validation batch size per worker; default 2x batch_size.")
@@ -138,7 +144,7 @@ class TrainConfig:
 
 
 @dataclass
-class ScalingConfig:
+class ScalingSection:
     num_workers: int = _f(1, "Number of Ray Train workers (one DDP rank each).")
     use_gpu: Optional[bool] = _f(None, "Use one GPU per worker; default: auto (true when the cluster has GPUs).")
     cpus_per_worker: Optional[float] = _f(None, "CPUs reserved per worker; default 1.")
@@ -155,14 +161,14 @@ class ScalingConfig:
 
 
 @dataclass
-class StorageConfig:
+class StorageSection:
     path: str = _f("./runs", "Where runs and checkpoints go: a local folder, s3://bucket/prefix or r2://bucket/prefix.")
     endpoint_url: Optional[str] = _f(None, "S3 endpoint override (else AWS_ENDPOINT_URL, or R2's from R2_ACCOUNT_ID).")
     region: Optional[str] = _f(None, "Bucket region; r2:// always uses 'auto'.")
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointSection:
     metric: str = _f("val/top1", "Metric that ranks checkpoints and picks `best`.")
     mode: Literal["max", "min"] = _f("max", "Whether a larger or smaller metric is better.")
     num_to_keep: int = _f(2, "Best checkpoints kept by Ray Train (the latest is always kept too).")
@@ -173,7 +179,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class MlflowConfig:
+class MlflowSection:
     enabled: bool = _f(True, "Track the run in MLflow.")
     tracking_uri: Optional[str] = _f(None, "Tracking server URI; default $MLFLOW_TRACKING_URI, else a sqlite store next to the runs.")
     experiment: str = _f("raytimm", "MLflow experiment name.")
@@ -186,7 +192,7 @@ class MlflowConfig:
 
 
 @dataclass
-class RunConfig:
+class RunSection:
     name: Optional[str] = _f(None, "Run name (folder under storage.path); default <model>-<timestamp>. Same name resumes.")
     max_failures: int = _f(2, "Worker failures tolerated; training restarts from the latest checkpoint.")
 
@@ -198,7 +204,7 @@ class RunConfig:
 
 
 @dataclass
-class TuneConfig:
+class TuneSection:
     name: Optional[str] = _f(None, "Sweep name (folder under storage.path); default tune-<model>-<config hash>, so the same config resumes.")
     num_samples: int = _f(4, "Samples drawn per grid point.")
     scheduler: Literal["asha", "fifo"] = _f("asha", "Trial scheduler: asha (early stopping) or fifo.")
@@ -224,53 +230,29 @@ class TuneConfig:
             raise ConfigError(f"{p}.search_space must be a mapping of dotted keys to distributions")
 
 
-@dataclass
-class ServeConfig:
-    host: str = _f("127.0.0.1", "Address the HTTP proxy binds; 0.0.0.0 exposes it to the network.")
-    port: int = _f(8000, "HTTP port.")
-    replicas: int = _f(1, "Model replicas.")
-    max_batch_size: int = _f(16, "Largest batch a replica runs at once.")
-    batch_wait_ms: float = _f(10.0, "How long a replica waits to fill a batch.")
-    max_upload_mb: float = _f(20.0, "Largest request body in MiB (413 above).")
-    max_pixels: int = _f(40_000_000, "Largest image in pixels (413 above).")
-    allow: list[str] = _f([], "Storage prefixes that /inference/quick may load checkpoints from.")
-    max_models: int = _f(4, "Checkpoints cached per replica for /inference/quick (LRU).")
-    num_cpus: float = _f(1.0, "CPUs per replica.")
-    num_gpus: float = _f(0.0, "GPUs per replica (a fraction shares a GPU).")
-
-    def validate(self, p: str) -> None:
-        _check(1 <= self.port <= 65535, f"{p}.port", self.port, "1..65535")
-        _check(self.replicas >= 1, f"{p}.replicas", self.replicas, ">= 1")
-        _check(self.max_batch_size >= 1, f"{p}.max_batch_size", self.max_batch_size, ">= 1")
-        _check(self.batch_wait_ms >= 0, f"{p}.batch_wait_ms", self.batch_wait_ms, ">= 0")
-        _check(self.max_upload_mb > 0, f"{p}.max_upload_mb", self.max_upload_mb, "> 0")
-        _check(self.max_pixels > 0, f"{p}.max_pixels", self.max_pixels, "> 0")
-        _check(self.max_models >= 1, f"{p}.max_models", self.max_models, ">= 1")
-        _check(self.num_cpus >= 0, f"{p}.num_cpus", self.num_cpus, ">= 0")
-        _check(self.num_gpus >= 0, f"{p}.num_gpus", self.num_gpus, ">= 0")
-
-
-METRIC_NAMES = ("val/top1", "val/top5", "val/loss", "train/loss", "train/top1")
 
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    mlflow: MlflowSection = field(default_factory=MlflowSection)
+    run: RunSection = field(default_factory=RunSection)
+    tune: TuneSection = field(default_factory=TuneSection)
+    # The serve section is Serve's own typed settings (pydantic; raytimm/serve/settings.py), so a config
+    # file, `raytimm serve` flags and `serve run`/`serve deploy` args share one set of keys and defaults.
+    serve: ServeSettings = field(default_factory=ServeSettings)
 
     def validate(self) -> "Config":
         """Check every section; raises ConfigError naming the first bad key."""
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
-            if hasattr(section, "validate"):
+            # A pydantic section (serve) was validated when it was built; BaseModel.validate is not ours.
+            if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
                 section.validate(f.name)
         if self.checkpoint.metric.endswith("loss") and self.checkpoint.mode == "max":
             raise ConfigError(f"checkpoint.mode='max' with checkpoint.metric={self.checkpoint.metric!r}: a loss should use mode 'min'")
@@ -377,22 +359,25 @@ def _closest(key: str, candidates: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _section_docs(section: Any) -> dict[str, str]:
+    """Field name -> one-line doc of a section class (a dataclass, or a pydantic model such as ServeSettings)."""
+    if dataclasses.is_dataclass(section):
+        return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(section)}
+    return section_docs(section)
+
+
+def _section_types() -> dict[str, type]:
+    return {sec.name: sec.default_factory for sec in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
 def valid_keys() -> list[str]:
     """All dotted keys (``section.field``) a config accepts."""
-    out = []
-    for sec in dataclasses.fields(Config):
-        for f in dataclasses.fields(sec.default_factory()):  # type: ignore[misc]
-            out.append(f"{sec.name}.{f.name}")
-    return out
+    return list(field_docs())
 
 
 def field_docs() -> dict[str, str]:
     """Dotted key -> one-line doc, for --help and the README."""
-    out = {}
-    for sec in dataclasses.fields(Config):
-        for f in dataclasses.fields(sec.default_factory()):  # type: ignore[misc]
-            out[f"{sec.name}.{f.name}"] = f.metadata.get("doc", "")
-    return out
+    return {f"{sec}.{name}": doc for sec, cls in _section_types().items() for name, doc in _section_docs(cls).items()}
 
 
 def config_from_dict(d: dict | None, *, source: str = "config") -> Config:
@@ -409,6 +394,10 @@ def config_from_dict(d: dict | None, *, source: str = "config") -> Config:
             continue
         if not isinstance(sec_val, dict):
             raise ConfigError(f"{source}: section {sec_name!r} must be a mapping, got {sec_val!r}")
+        section_type = _section_types()[sec_name]
+        if not dataclasses.is_dataclass(section_type):
+            setattr(cfg, sec_name, validate_section(sec_val, section_type, sec_name, source=source))
+            continue
         for k, v in sec_val.items():
             _set(cfg, f"{sec_name}.{k}", v, source=source)
     return cfg.validate()
@@ -459,22 +448,35 @@ def set_dotted(cfg: Config, key: str, value: Any) -> Config:
     return config_from_dict(d, source=f"key {key}")
 
 
+def _read_text(path: str, what: str) -> str:
+    """A config or request file's text: a local path, or an s3:// / r2:// URI (how the training API's jobs
+    read theirs); ConfigError naming it when it is missing or not UTF-8."""
+    from raytimm import storage  # stdlib-only at import; boto3 loads on first remote use
+
+    try:
+        if storage.is_remote(path):
+            if not storage.exists(path):
+                raise ConfigError(f"{what} {path!r} does not exist")
+            return storage.read_bytes(path).decode("utf-8")
+        if not Path(path).is_file():
+            raise ConfigError(f"{what} {path!r} does not exist")
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path!r} is not UTF-8 text") from None
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML config (or defaults when path is None) and apply overrides."""
     d: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
+        p = str(path)
         try:
-            d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            d = yaml.safe_load(_read_text(p, "config file")) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config file {str(p)!r}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file {str(p)!r} is not UTF-8 text") from None
-        cfg = config_from_dict(d, source=str(p))
+            raise ConfigError(f"config file {p!r}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        cfg = config_from_dict(d, source=p)
     else:
         cfg = Config()
     if overrides:
@@ -483,8 +485,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
 
 
 def config_to_dict(cfg: Config) -> dict:
-    """Nested plain dict (JSON/YAML-able)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    """Nested plain dict (JSON/YAML-able); environment-only values (the API token) are left out."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        out[f.name] = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section.model_dump(mode="json")
+    return json.loads(json.dumps(out))
 
 
 def flatten_config(cfg: Config) -> dict[str, Any]:
@@ -557,15 +563,13 @@ def request_to_config(req: dict, *, source: str = "request", base: Config | None
 def load_training_request(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
                           base_config: str | None = None) -> Config:
     """Load the platform's TrainingRequest JSON file as a Config."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"request file {str(p)!r} does not exist")
+    p = str(path)
     try:
-        req = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"request file {str(p)!r}: invalid JSON ({e})") from None
+        req = json.loads(_read_text(p, "request file"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"request file {p!r}: invalid JSON ({e})") from None
     base = load_config(base_config) if base_config else None
-    cfg = request_to_config(req, source=str(p), base=base)
+    cfg = request_to_config(req, source=p, base=base)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
     return cfg

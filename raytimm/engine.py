@@ -2,26 +2,25 @@
 
 ``fit(cfg)`` runs on its own in one process. The Ray layer passes ``prepare_model`` /
 ``prepare_loader`` (Ray Train's DDP and device hooks) and a ``report`` callback; nothing else
-differs between one process and N workers. Distributed facts come from ``distributed.py``.
+differs between one process and N workers. Distributed facts come from ``distributed.py``, data
+from ``data/loaders.py``, metric counting from ``metrics.py``, the run folder's rules from ``runs.py``.
 
 Per epoch: train, sync buffers, validate exactly (every val image once across ranks), save a
-checkpoint folder on rank 0, report. Metric names follow DESIGN.md.
+checkpoint folder on rank 0, report it. Without a ``report`` callback the reporter is
+``runs.LocalReporter``, which publishes into the run folder as Ray's controller does.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as _dt
 import logging
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -32,17 +31,18 @@ import timm.optim
 import timm.scheduler
 import timm.utils
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from raytimm import distributed as dist_utils
+from raytimm import runs
+from raytimm.data.loaders import build_loaders, prepare_dataset_root
 from raytimm.errors import ConfigError, DataError
+from raytimm.metrics import ClassificationSums, per_class_accuracy
 from raytimm.model import build_model, unwrap_model
 
 log = logging.getLogger(__name__)
 
-METRIC_KEYS = ("train/loss", "train/top1", "val/loss", "val/top1", "val/top5", "lr", "throughput", "epoch")
 
 ReportFn = Callable[[dict, Optional[str]], None]
 
@@ -59,28 +59,12 @@ class FitResult:
     class_names: list[str]
     confusion_matrix: Optional[list[list[int]]]  # best epoch, rows = true class, cols = predicted
     per_class: list[dict] = dataclasses.field(default_factory=list)  # best epoch: class, support, top1
-    run_dir: Optional[str] = None  # set only when fit saved checkpoints itself (report=None)
+    # Where runs.LocalReporter published (rank 0 of a fit without a report callback); None otherwise.
+    run_dir: Optional[str] = None
     best_checkpoint: Optional[str] = None
     latest_checkpoint: Optional[str] = None
 
 
-class UnpaddedDistributedSampler(DistributedSampler):
-    """Rank r gets indices r, r+world, r+2*world, ...: no padding, so every sample is seen exactly once.
-
-    It subclasses DistributedSampler on purpose: Ray's ``prepare_data_loader`` keeps a loader's
-    sampler only when it is a DistributedSampler, and would otherwise swap in a padding one.
-    """
-
-    def __init__(self, dataset, num_replicas: int, rank: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        self.num_samples = len(range(rank, len(dataset), num_replicas))
-        self.total_size = len(dataset)
-
-    def __iter__(self):
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
-
-    def __len__(self) -> int:
-        return self.num_samples
 
 
 # ------------------------------------------------------------------ small resolvers
@@ -127,58 +111,6 @@ def _progress(iterable, *, total: int, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-# ------------------------------------------------------------------ data
-
-def stage_dataset(path: str, cache_dir: str, *, endpoint_url: Optional[str] = None,
-                  region: Optional[str] = None) -> str:
-    """A remote dataset URI mirrored once into ``<cache_dir>/datasets`` on this node; a local path as given."""
-    from raytimm import storage
-
-    if not storage.is_remote(path):
-        return path
-    return storage.stage(path, os.path.join(os.path.expanduser(cache_dir), "datasets"), endpoint_url=endpoint_url,
-                         region=region)
-
-
-def prepare_dataset_root(cfg) -> str:
-    """Local ImageFolder root for ``cfg.data``: stage a remote URI, convert DICE into the cache."""
-    root = cfg.data.path
-    if not root:
-        raise ConfigError("data.path is empty: point it at an ImageFolder or DICE export")
-    cache = os.path.expanduser(cfg.data.cache_dir)
-    # Local rank 0 stages/converts first; the others then find the cache ready (no duplicate work).
-    first = dist_utils.get_local_rank() == 0
-    if not first:
-        dist_utils.barrier()
-    try:
-        root = stage_dataset(root, cache, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
-        if cfg.data.format == "dice":
-            from raytimm.data.dice import ensure_dice_converted
-
-            root = ensure_dice_converted(root, os.path.join(cache, "dice"), split_ratio=cfg.data.split_ratio,
-                                         seed=cfg.data.split_seed, log=log.info)
-    finally:
-        if first:
-            dist_utils.barrier()
-    return root
-
-
-def build_loaders(train_ds, val_ds, *, batch_size: int, eval_batch_size: int, num_workers: int, pin_memory: bool,
-                  seed: int, world_size: int, rank: int) -> tuple[DataLoader, DataLoader, DistributedSampler]:
-    """Train/val DataLoaders with distributed samplers (also with one process: shuffling is then a
-    pure function of seed and epoch, so a resumed run sees the same order)."""
-    train_sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    if len(train_sampler) < batch_size:
-        raise DataError(f"the train split has {len(train_ds)} images, fewer than train.batch_size={batch_size} "
-                        f"per worker x {world_size} worker(s); lower train.batch_size")
-    val_sampler = UnpaddedDistributedSampler(val_ds, world_size, rank)
-    common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
-    # drop_last keeps batch sizes equal (mixup needs even batches; BatchNorm dislikes a batch of 1).
-    train_loader = DataLoader(train_ds, batch_size=batch_size, sampler=train_sampler, drop_last=True, **common)
-    val_loader = DataLoader(val_ds, batch_size=eval_batch_size, sampler=val_sampler, drop_last=False, **common)
-    return train_loader, val_loader, train_sampler
 
 
 # ------------------------------------------------------------------ optimisation
@@ -279,46 +211,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn, device: torch.
             "throughput": float(sums[2]) / max(mean_seconds, 1e-9), "lr": lr}, num_updates
 
 
-class ClassificationSums:
-    """Loss / top-1 / top-5 / confusion-matrix sums over batches of logits, kept on ``device``.
-
-    Adding a batch never reads a value back to the host, so there is no sync point per batch.
-    Training validation (``evaluate``) and ``raytimm evaluate`` (``predict.evaluate_checkpoint``)
-    both count with it, so their numbers are the same definitions.
-    """
-
-    def __init__(self, num_classes: int, device: torch.device):
-        self.num_classes = num_classes
-        self.k = min(5, num_classes)
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, n
-        self.cm = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
-
-    def add(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Count one batch of logits against integer labels; returns each row's top-1 class."""
-        output = output.float()
-        top = output.topk(self.k, dim=1).indices
-        hits = top.eq(targets[:, None])
-        self.sums[0] += F.cross_entropy(output, targets, reduction="sum").double()
-        self.sums[1] += hits[:, 0].sum()
-        self.sums[2] += hits.any(dim=1).sum()
-        self.sums[3] += targets.numel()
-        self.cm += torch.bincount(targets * self.num_classes + top[:, 0], minlength=self.num_classes ** 2)
-        return top[:, 0]
-
-    def all_reduce(self) -> None:
-        """Sum across ranks (a no-op with one process)."""
-        dist_utils.all_reduce_sum(self.sums)
-        dist_utils.all_reduce_sum(self.cm)
-
-    def result(self) -> dict:
-        """{loss, top1, top5 (percent), num_samples, confusion_matrix (rows = true class)}."""
-        n = int(self.sums[3])
-        denom = max(n, 1)
-        return {"loss": float(self.sums[0]) / denom, "top1": 100.0 * float(self.sums[1]) / denom,
-                "top5": 100.0 * float(self.sums[2]) / denom, "num_samples": n,
-                "confusion_matrix": self.cm.view(self.num_classes, self.num_classes).cpu().tolist()}
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, *, num_classes: int,
              amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False, desc: str = "val") -> dict:
@@ -342,16 +234,6 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, num_classes: int
     sums.all_reduce()
     model.train(was_training)
     return sums.result()
-
-
-def per_class_accuracy(cm: list[list[int]], class_names: list[str]) -> list[dict]:
-    """[{class, support, correct, top1}] from a confusion matrix (rows = true class)."""
-    out = []
-    for name, row, i in zip(class_names, cm, range(len(cm))):
-        support = int(sum(row))
-        out.append({"class": name, "support": support, "correct": int(row[i]),
-                    "top1": 100.0 * row[i] / support if support else 0.0})
-    return out
 
 
 # ------------------------------------------------------------------ RNG state (weights_only-loadable)
@@ -383,33 +265,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ------------------------------------------------------------------ checkpoints
-
-def _is_better(value: float, best: Optional[float], mode: str) -> bool:
-    if best is None or math.isnan(best):
-        return not math.isnan(value)
-    return value > best if mode == "max" else value < best
-
-
-def _default_run_name(model_name: str) -> str:
-    return f"{model_name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def checkpoint_dir_name(epoch: int) -> str:
-    """Folder name of an epoch's checkpoint, as Ray's checkpoint_dir_name gets it too."""
-    return f"checkpoint_{epoch:06d}"
-
-
-def _prune_local_checkpoints(run_dir: str, history: list[dict], *, metric: str, mode: str, keep: int,
-                             latest_epoch: int) -> None:
-    """Keep the best ``keep`` checkpoints by ``metric`` plus the latest (what Ray's CheckpointConfig does)."""
-    ranked = sorted((h for h in history if metric in h), key=lambda h: h[metric], reverse=(mode == "max"))
-    wanted = {int(h["epoch"]) for h in ranked[:keep]} | {latest_epoch}
-    for path in Path(run_dir).glob("checkpoint_*"):
-        m = re.fullmatch(r"checkpoint_(\d+)", path.name)
-        if m and path.is_dir() and int(m.group(1)) not in wanted:
-            shutil.rmtree(path, ignore_errors=True)
-
+# ------------------------------------------------------------------ loop helpers
 
 def _summary_line(epoch: int, epochs: int, m: dict, is_best: bool) -> str:
     return (f"epoch {epoch}/{epochs}  train/loss {m['train/loss']:.4f}  train/top1 {m['train/top1']:.1f}  "
@@ -441,31 +297,20 @@ class _State:
     epochs_without_improvement: int = 0
 
     def record(self, metrics: dict, confusion_matrix: list, *, metric: str, mode: str) -> bool:
-        """Append an epoch's metrics; returns whether it is the best so far by ``metric``."""
-        value = float(metrics[metric])
-        is_best = _is_better(value, self.best_value, mode)
-        if is_best:
-            self.best_value, self.best_epoch, self.best_metrics = value, int(metrics["epoch"]), dict(metrics)
-            self.best_confusion_matrix = confusion_matrix
+        """Append an epoch's metrics; returns whether it is the best so far (runs.is_better: a tie
+        goes to this later epoch, as the `best` pointer's does). Patience counts strict improvements."""
+        best_so_far = self.best_metrics or None
+        if runs.improves(metrics, best_so_far, metric=metric, mode=mode):
             self.epochs_without_improvement = 0
         else:
             self.epochs_without_improvement += 1
+        is_best = runs.is_better(metrics, best_so_far, metric=metric, mode=mode)
+        if is_best:
+            self.best_value, self.best_epoch = float(metrics[metric]), int(metrics["epoch"])
+            self.best_metrics, self.best_confusion_matrix = dict(metrics), confusion_matrix
         self.history.append(dict(metrics))
         self.epoch = int(metrics["epoch"])
         return is_best
-
-
-def _publish_local(run_dir: str, ckpt_dir: str, metrics: dict, *, is_best: bool, history: list, metric: str,
-                   mode: str, keep: int) -> None:
-    """Without Ray: move the latest/best pointers to a just-completed checkpoint, then prune old ones."""
-    from raytimm import checkpoint as ckpt
-
-    ckpt.write_latest_pointer(run_dir, ckpt_dir, metrics)
-    if is_best:
-        ckpt.write_best_pointer(run_dir, ckpt_dir, metrics)
-    if not ckpt.is_remote_uri(run_dir):
-        _prune_local_checkpoints(run_dir, history, metric=metric, mode=mode, keep=keep,
-                                 latest_epoch=int(metrics["epoch"]))
 
 
 def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None,
@@ -476,9 +321,31 @@ def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None
 
     ``report(metrics, checkpoint_dir)`` is called on every rank each epoch, with a checkpoint
     folder on rank 0 and None elsewhere; the folder is deleted when report returns, so report
-    must persist it synchronously. Without ``report``, fit saves checkpoints itself under
-    ``<storage.path>/<run.name>/checkpoint_<epoch>`` and writes the ``latest``/``best`` pointers.
+    must persist it synchronously. The default reporter is ``runs.LocalReporter``: the run folder
+    ``<storage.path>/<run.name>/`` gets ``checkpoint_<epoch>``, the pointers and progress.json,
+    and the result names its run folder and checkpoints.
     """
+    kwargs = dict(prepare_model=prepare_model, prepare_loader=prepare_loader, resume_state_dir=resume_state_dir,
+                  device=device, num_threads=num_threads)
+    if report is not None:
+        return _fit(cfg, report=report, **kwargs)
+    if not dist_utils.is_main_process():  # a torchrun group: rank 0 alone publishes
+        return _fit(cfg, report=lambda metrics, checkpoint_dir: None, **kwargs)
+    local = runs.LocalReporter.from_config(cfg)
+    local.folder.start()
+    try:
+        result = _fit(cfg, report=local, **kwargs)
+    except BaseException as e:
+        local.folder.finish("failed", runs.error_line(e))
+        raise
+    local.folder.finish("stopped_early" if result.stopped_early else "finished")
+    best = local.folder.best
+    return dataclasses.replace(result, run_dir=local.run_dir, best_checkpoint=best["checkpoint"] if best else None,
+                               latest_checkpoint=local.folder.latest_checkpoint)
+
+
+def _fit(cfg, *, report: ReportFn, prepare_model, prepare_loader, resume_state_dir, device, num_threads) -> FitResult:
+    """The loop itself; ``fit`` documents the arguments."""
     from raytimm import checkpoint as ckpt
     from raytimm.config import config_to_dict
     from raytimm.data.folder import ImageDataset, scan_imagefolder
@@ -568,16 +435,13 @@ def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None
     train_loader = prepare_loader(train_loader)
     val_loader = prepare_loader(val_loader)
 
-    run_dir = None
-    if report is None and dist_utils.is_main_process():
-        run_dir = ckpt.join_uri(cfg.storage.path, cfg.run.name or _default_run_name(cfg.model.name))
     meta_base = {"model_name": cfg.model.name, "num_classes": num_classes, "class_names": class_names,
                  "data_config": data_config, "config": config_to_dict(cfg), "ema": bool(ema)}
     if dist_utils.is_main_process():
         log.info("training %s (%d classes) on %d train / %d val images, %d worker(s), device %s",
                  cfg.model.name, num_classes, len(train_ds), len(val_ds), world, device)
 
-    latest_dir, stopped_early = None, False
+    stopped_early = False
     if tc.patience and state.epochs_without_improvement >= tc.patience:
         stopped_early = True
     start_epoch = state.epoch + 1
@@ -610,44 +474,33 @@ def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None
         ckpt_dir = None
         if dist_utils.is_main_process():
             print(_summary_line(epoch, tc.epochs, metrics, is_best), flush=True)
-            ckpt_dir = (ckpt.join_uri(run_dir, checkpoint_dir_name(epoch)) if report is None
-                        else tempfile.mkdtemp(prefix="raytimm-ckpt-"))
-            meta = dict(meta_base, epoch=epoch, metrics=metrics, confusion_matrix=val["confusion_matrix"],
-                        per_class=per_class_accuracy(val["confusion_matrix"], class_names),
-                        best_epoch=state.best_epoch, history=state.history)
-            weights = ema.module.state_dict() if ema is not None else unwrap_model(model).state_dict()
-            ckpt.save_checkpoint(ckpt_dir, model_state=weights, meta=meta, train_state=_train_state(
-                state, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema,
-                epochs=tc.epochs, rng=rng_all, class_names=class_names))
-        if report is not None:
-            try:
-                report(metrics, ckpt_dir)
-            finally:
-                if ckpt_dir:
-                    shutil.rmtree(ckpt_dir, ignore_errors=True)
-        elif ckpt_dir:
-            latest_dir = ckpt_dir
-            _publish_local(run_dir, ckpt_dir, metrics, is_best=is_best, history=state.history,
-                           metric=cfg.checkpoint.metric, mode=cfg.checkpoint.mode, keep=cfg.checkpoint.num_to_keep)
+            ckpt_dir = tempfile.mkdtemp(prefix="raytimm-ckpt-")
+        try:
+            if ckpt_dir:
+                meta = dict(meta_base, epoch=epoch, metrics=metrics, confusion_matrix=val["confusion_matrix"],
+                            per_class=per_class_accuracy(val["confusion_matrix"], class_names),
+                            best_epoch=state.best_epoch, history=state.history,
+                            epochs_without_improvement=state.epochs_without_improvement)
+                weights = ema.module.state_dict() if ema is not None else unwrap_model(model).state_dict()
+                ckpt.save_checkpoint(ckpt_dir, model_state=weights, meta=meta, train_state=_train_state(
+                    state, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema,
+                    epochs=tc.epochs, rng=rng_all, class_names=class_names))
+            # The reporter persists the folder (run folder, or Ray's storage) before it returns.
+            report(metrics, ckpt_dir)
+        finally:
+            if ckpt_dir:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
         if tc.patience and state.epochs_without_improvement >= tc.patience:
             stopped_early = True
             if dist_utils.is_main_process():
+                best = "none" if state.best_value is None else f"{state.best_value:.4f} (epoch {state.best_epoch})"
                 print(f"early stop: {cfg.checkpoint.metric} did not improve for {tc.patience} epoch(s); "
-                      f"best {state.best_value:.4f} at epoch {state.best_epoch}", flush=True)
+                      f"best {best}", flush=True)
 
-    best_ckpt = None
-    if run_dir is not None and state.best_epoch:
-        best_ckpt = ckpt.join_uri(run_dir, checkpoint_dir_name(state.best_epoch))
-        if ckpt.is_complete(best_ckpt):
-            ckpt.write_best_pointer(run_dir, best_ckpt, state.best_metrics)  # pointer only after a complete save
-        else:
-            best_ckpt = None
     cm = state.best_confusion_matrix
     return FitResult(best_metrics=state.best_metrics, best_epoch=state.best_epoch, history=state.history,
                      last_epoch=state.epoch, stopped_early=stopped_early, class_names=class_names,
-                     confusion_matrix=cm, per_class=per_class_accuracy(cm, class_names) if cm else [],
-                     run_dir=run_dir, best_checkpoint=best_ckpt,
-                     latest_checkpoint=latest_dir or (ckpt.read_pointer(run_dir, "latest") if run_dir else None))
+                     confusion_matrix=cm, per_class=per_class_accuracy(cm, class_names) if cm else [])
 
 
 def _train_state(state: _State, *, model, optimizer, scheduler, scaler, ema, epochs: int, rng: list,

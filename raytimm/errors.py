@@ -37,6 +37,10 @@ class CheckpointNotFound(CheckpointError):
     """No checkpoint exists at the given URI."""
 
 
+class ExportError(RaytimmError):
+    """A model could not be exported, or the export does not reproduce the PyTorch model's outputs."""
+
+
 def is_retryable(error: BaseException) -> bool:
     """Whether restarting the training workers could fix ``error`` (raised inside a worker).
 

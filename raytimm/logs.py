@@ -44,6 +44,9 @@ NOISY_LOGGERS = {
     "timm": logging.WARNING,
     "PIL": logging.WARNING,
     "matplotlib": logging.WARNING,
+    # The ONNX exporter's graph passes log every rewrite at INFO ("Removed 182 unused nodes").
+    "onnxscript": logging.WARNING,
+    "onnx_ir": logging.WARNING,
 }
 
 # Set before `import ray` so the workers Ray starts inherit them.

@@ -1,6 +1,6 @@
 """Model construction: timm models with a fresh head, pretrained weights from file/dir/hub, fine-tuning.
 
-Pretrained weights resolve in this order (DESIGN.md):
+Pretrained weights resolve in this order (README "Train", docs/internals.md "model.py"):
 
 1. ``model.pretrained_file`` — a local path or an ``s3://``/``r2://`` URI (downloaded to a cache);
 2. ``$RAYTIMM_WEIGHTS_DIR/<model name>.safetensors``;
@@ -125,11 +125,10 @@ def resolve_pretrained_file(name: str, pretrained_file: str | None, *, weights_d
 
 def _local_weights(uri: str, *, cache_dir: str | None) -> str:
     """A local path for ``uri``: remote files are downloaded once into the node cache."""
+    from raytimm import storage
     from raytimm.checkpoint import is_remote_uri  # knows the schemes we accept
 
     if is_remote_uri(uri):
-        from raytimm import storage
-
         digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
         target = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / "weights" / digest / uri.rstrip("/").rsplit("/", 1)[-1]
         if not target.is_file():
@@ -139,7 +138,7 @@ def _local_weights(uri: str, *, cache_dir: str | None) -> str:
             storage.download(uri, str(tmp))
             os.replace(tmp, target)
         return str(target)
-    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser()
+    path = Path(storage.local_path(uri))
     if not path.is_file():
         raise ConfigError(f"model.pretrained_file={uri!r} does not exist")
     return str(path)
@@ -167,6 +166,9 @@ def load_init_checkpoint(model: nn.Module, uri: str) -> list[str]:
     from raytimm import checkpoint as ckpt
 
     resolved = ckpt.resolve_checkpoint(uri)
+    if resolved.kind == "onnx":
+        raise CheckpointError(f"model.init_checkpoint={uri!r} is an ONNX export, which has no trainable weights; "
+                              "give the checkpoint it was exported from (source_checkpoint in its meta.json)")
     if resolved.kind == "legacy_pt":
         state = ckpt.load_legacy_pt(resolved.uri)
     else:
@@ -210,8 +212,3 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def param_count(model: nn.Module) -> int:
-    """Number of parameters of the (unwrapped) model."""
-    return sum(p.numel() for p in unwrap_model(model).parameters())

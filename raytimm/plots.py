@@ -61,29 +61,18 @@ def _as_matrix(cm: np.ndarray | Sequence[Sequence[float]], class_names: Sequence
     return matrix
 
 
-def per_class_accuracy(cm: np.ndarray | Sequence[Sequence[float]]) -> list[float]:
-    """Recall of each class in percent (0-100): diagonal / row sum; 0.0 for a class with no samples."""
-    matrix = _as_matrix(cm, None)
-    support = matrix.sum(axis=1)
-    correct = np.diag(matrix)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        acc = np.where(support > 0, 100.0 * correct / support, 0.0)
-    return [float(a) for a in acc]
-
-
 def per_class_csv(cm: np.ndarray | Sequence[Sequence[float]], class_names: Sequence[str], path: str | os.PathLike) -> str:
     """Write ``class,support,correct,accuracy`` (accuracy in percent, 2 decimals); return the path."""
-    matrix = _as_matrix(cm, class_names)
-    support = matrix.sum(axis=1)
-    correct = np.diag(matrix)
-    accuracy = per_class_accuracy(matrix)
+    from raytimm.metrics import per_class_accuracy  # the same numbers as meta.json's per_class
+
+    rows = per_class_accuracy(_as_matrix(cm, class_names).tolist(), class_names)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["class", "support", "correct", "accuracy"])
-        for name, n, ok, acc in zip(class_names, support, correct, accuracy):
-            writer.writerow([name, int(n), int(ok), f"{acc:.2f}"])
+        for r in rows:
+            writer.writerow([r["class"], r["support"], r["correct"], f"{r['top1']:.2f}"])
     return str(path)
 
 

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 TASK_TYPE = "image_classification"
 IMAGENET_CLASSES = 1000
+BACKENDS = ("torch", "onnx")
 
 
 def default_device() -> torch.device:
@@ -54,13 +55,64 @@ def _meta_img_size(meta: dict) -> int | None:
     return int(model_cfg["img_size"]) if model_cfg.get("img_size") else None
 
 
-class Predictor:
-    """A loaded model in eval mode with its class names and eval transform; thread-safe for inference."""
+def check_backend(backend: str) -> str:
+    """The backend name, or a ConfigError listing the valid ones."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    return backend
 
-    def __init__(self, model: nn.Module, *, model_name: str, class_names: Sequence[str], data_config: dict,
-                 device: str | torch.device | None = None, source: str | None = None, kind: str = "folder",
-                 meta: dict | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS, batch_size: int = 32):
+
+def check_legacy_args(uri: str, model_name: str | None, num_classes: int | None) -> None:
+    """A legacy .pt has no meta.json: the architecture and class count must come from the caller."""
+    missing = [k for k, v in (("model_name", model_name), ("num_classes", num_classes)) if not v]
+    if missing:
+        raise ConfigError(f"legacy checkpoint {uri} needs model_name and num_classes "
+                          f"(missing: {', '.join(missing)})")
+
+
+class TorchRunner:
+    """Eager PyTorch behind the backend seam: ``logits(batch)`` and ``describe()``, like export.OnnxRunner."""
+
+    backend = "torch"
+
+    def __init__(self, model: nn.Module, device: str | torch.device | None = None):
         self.device = torch.device(device) if device is not None else default_device()
+        # Half precision and channels_last only pay off (and are only exact enough) on GPU.
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        model = model.to(self.device, dtype=self.dtype, memory_format=self.memory_format).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self._lock = threading.Lock()  # forward passes from several threads would fight over torch threads
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """Forward a NCHW batch; float32 logits on CPU."""
+        x = batch.to(self.device, dtype=self.dtype, memory_format=self.memory_format, non_blocking=True)
+        with self._lock, torch.inference_mode():
+            out = self.model(x)
+        return out.float().cpu()
+
+    def describe(self) -> dict:
+        """What Predictor.metadata() reports about the backend."""
+        return {"backend": self.backend, "device": str(self.device)}
+
+
+class Predictor:
+    """A loaded model with its class names and eval transform; thread-safe for inference.
+
+    The forward pass is a runner's (the backend seam): TorchRunner (eager PyTorch) or export.OnnxRunner
+    (ONNX Runtime). Everything around it (decode, eval transform, scores, top-k answers) is shared.
+    """
+
+    def __init__(self, model: nn.Module | None, *, model_name: str, class_names: Sequence[str], data_config: dict,
+                 device: str | torch.device | None = None, source: str | None = None, kind: str = "folder",
+                 meta: dict | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS, batch_size: int = 32,
+                 runner=None):
+        self.runner = runner if runner is not None else TorchRunner(model, device)
+        self.backend = self.runner.backend
+        self.device = self.runner.device
+        self.model = getattr(self.runner, "model", None)  # the nn.Module with the torch backend, else None
         self.model_name = model_name
         self.class_names = [str(c) for c in class_names]
         self.num_classes = len(self.class_names)
@@ -70,24 +122,31 @@ class Predictor:
         self.meta = dict(meta or {})
         self.max_pixels = max_pixels
         self.batch_size = max(1, int(batch_size))
-        # Half precision and channels_last only pay off (and are only exact enough) on GPU.
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
-        model = model.to(self.device, dtype=self.dtype, memory_format=self.memory_format).eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.model = model
         self.transform = build_eval_transform(self.data_config)
-        self._lock = threading.Lock()  # forward passes from several threads would fight over torch threads
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
     def from_checkpoint(cls, uri: str, *, model_name: str | None = None, num_classes: int | None = None,
                         device: str | torch.device | None = None, class_names: Sequence[str] | None = None,
-                        max_pixels: int | None = DEFAULT_MAX_PIXELS, batch_size: int = 32) -> "Predictor":
-        """Load a checkpoint folder, run/tune folder (via `best`) or legacy `.pt` (needs model_name, num_classes)."""
+                        max_pixels: int | None = DEFAULT_MAX_PIXELS, batch_size: int = 32, backend: str = "torch",
+                        num_threads: int | None = None, cache_dir: str | None = None) -> "Predictor":
+        """Load a checkpoint folder, run/tune folder (via `best`) or legacy `.pt` (needs model_name, num_classes).
+
+        backend="onnx" runs ONNX Runtime (num_threads intra-op threads, default torch's): an export folder
+        as is, any other checkpoint exported once into the node cache (cache_dir, see export.cached_export).
+        """
+        if check_backend(backend) == "onnx":
+            from raytimm.export import import_onnxruntime, load_onnx_predictor
+
+            import_onnxruntime()  # the missing extra is the first thing to say
+            return load_onnx_predictor(ckpt.resolve_checkpoint(uri), model_name=model_name, num_classes=num_classes,
+                                       class_names=class_names, device=device, num_threads=num_threads,
+                                       cache_dir=cache_dir, max_pixels=max_pixels, batch_size=batch_size)
         resolved = ckpt.resolve_checkpoint(uri)
+        if resolved.kind == "onnx":
+            raise CheckpointError(f"{resolved.uri} is an ONNX export: load it with backend onnx, or load its "
+                                  "source_checkpoint (meta.json) with backend torch")
         if resolved.kind == "legacy_pt":
             return cls._from_legacy(resolved.uri, model_name=model_name, num_classes=num_classes, device=device,
                                     class_names=class_names, max_pixels=max_pixels, batch_size=batch_size)
@@ -109,10 +168,7 @@ class Predictor:
     def _from_legacy(cls, uri: str, *, model_name, num_classes, device, class_names, max_pixels,
                      batch_size) -> "Predictor":
         """The platform's legacy `.pt`: architecture and class count come from the caller."""
-        missing = [k for k, v in (("model_name", model_name), ("num_classes", num_classes)) if not v]
-        if missing:
-            raise ConfigError(f"legacy checkpoint {uri} needs model_name and num_classes "
-                              f"(missing: {', '.join(missing)})")
+        check_legacy_args(uri, model_name, num_classes)
         n = int(num_classes)
         state = ckpt.load_legacy_pt(uri)
         model = _build(str(model_name), n)
@@ -155,11 +211,8 @@ class Predictor:
         return decode_image(image, max_pixels=self.max_pixels, name=name)
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """Forward a NCHW batch; float32 logits on CPU."""
-        x = batch.to(self.device, dtype=self.dtype, memory_format=self.memory_format, non_blocking=True)
-        with self._lock, torch.inference_mode():
-            out = self.model(x)
-        return out.float().cpu()
+        """Forward a NCHW batch through the backend; float32 logits on CPU."""
+        return self.runner.logits(batch)
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Softmax class probabilities of a NCHW batch."""
@@ -197,7 +250,7 @@ class Predictor:
         return results
 
     def metadata(self) -> dict:
-        """What GET /model reports: model, classes, checkpoint, metrics, data config, versions."""
+        """What GET /model reports: model, classes, checkpoint, metrics, data config, versions, backend."""
         return {
             "model_name": self.model_name,
             "num_classes": self.num_classes,
@@ -208,7 +261,7 @@ class Predictor:
             "metrics": self.meta.get("metrics") or {},
             "data_config": self.data_config,
             "versions": self.meta.get("versions") or {},
-            "device": str(self.device),
+            **self.runner.describe(),  # backend, device (and the ONNX providers and threads)
         }
 
 
@@ -241,7 +294,7 @@ def _stage_data(data_uri: str, cache_dir: str | None) -> str:
     """Local folder for a dataset path or bucket URI: staged like training does, into ``<cache>/datasets``,
     so evaluating on the node that trained reuses the copy."""
     from raytimm import storage
-    from raytimm.engine import stage_dataset
+    from raytimm.data.loaders import stage_dataset
     from raytimm.model import DEFAULT_CACHE_DIR
 
     cache = cache_dir or os.environ.get("RAYTIMM_CACHE_DIR") or DEFAULT_CACHE_DIR
@@ -277,11 +330,14 @@ def _check_classes(dataset_classes: list[str], predictor: Predictor, data_uri: s
 def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, *, split: str = "val", batch_size: int = 64,
                         predictions_csv: str | os.PathLike | None = None, model_name: str | None = None,
                         num_classes: int | None = None, device: str | torch.device | None = None,
-                        cache_dir: str | None = None, predictor: Predictor | None = None) -> dict:
+                        cache_dir: str | None = None, predictor: Predictor | None = None, backend: str = "torch",
+                        num_threads: int | None = None) -> dict:
     """Top-1/top-5/loss/per-class accuracy and confusion matrix of a checkpoint on an ImageFolder split."""
+    check_backend(backend)
     root = _stage_data(str(data_uri), cache_dir)
     pred = predictor or Predictor.from_checkpoint(checkpoint_uri, model_name=model_name, num_classes=num_classes,
-                                                  device=device, batch_size=batch_size)
+                                                  device=device, batch_size=batch_size, backend=backend,
+                                                  num_threads=num_threads, cache_dir=cache_dir)
     classes, samples = _split_samples(root, split, pred.meta)
     if pred.kind == "legacy_pt" and pred.class_names == [str(i) for i in range(pred.num_classes)]:
         if len(classes) != pred.num_classes:
@@ -289,7 +345,7 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, *, split: str = "val
         pred.class_names = classes  # a legacy .pt has no names: take the dataset's
     _check_classes(classes, pred, str(data_uri))
 
-    from raytimm.engine import ClassificationSums, per_class_accuracy  # the same counting as training validation
+    from raytimm.metrics import ClassificationSums, per_class_accuracy  # the same counting as training validation
 
     sums = ClassificationSums(pred.num_classes, torch.device("cpu"))
     rows, skipped = [], []
@@ -328,6 +384,7 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, *, split: str = "val
         "confusion_matrix": metrics["confusion_matrix"],
         "class_names": list(pred.class_names),
         "checkpoint": pred.source,
+        "backend": pred.backend,
         "split": split,
         "predictions_csv": str(predictions_csv) if predictions_csv else None,
         "skipped": skipped,

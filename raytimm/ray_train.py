@@ -2,15 +2,14 @@
 
 Everything a worker does beyond plain PyTorch is here: staging remote data, resuming from
 Ray's latest checkpoint, and handing ``prepare_model``/``prepare_data_loader`` and a
-``report`` callback to the engine. MLflow logging and the ``best``/``latest`` pointers run
-in a Train callback on the controller, which Ray pins to the driver's node, so a local
-tracking store and the driver's storage credentials are reachable from there.
+``report`` callback to the engine. MLflow logging and the run folder's publication (the
+``best``/``latest`` pointers and progress.json, by ``runs.RunFolder``) run in a Train callback
+on the controller, which Ray pins to the driver's node, so a local tracking store and the
+driver's storage credentials are reachable from there.
 """
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
-import json
 import logging
 import os
 import tempfile
@@ -28,7 +27,7 @@ from ray.train import LoggingConfig  # noqa: E402
 from ray.train.v2._internal.execution.callback import ControllerCallback  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
-from raytimm import storage  # noqa: E402
+from raytimm import runs, storage  # noqa: E402
 from raytimm.envvars import forwarded_env  # noqa: E402
 from raytimm.config import Config, config_from_dict, config_to_dict, dump_yaml, flatten_config  # noqa: E402
 from raytimm.errors import CheckpointError, RaytimmError, is_retryable  # noqa: E402
@@ -116,12 +115,12 @@ def train_loop_per_worker(config: dict) -> None:
     # the bucket URI, not this node's cache folder, in cfg and so in every meta.json.
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
 
-    run_dir = storage.join(cfg.storage.path, cfg.run.name)
+    run_dir = runs.run_dir(cfg.storage.path, cfg.run.name)
     upload_fn = _bucket_upload_fn(run_dir) if storage.is_remote(cfg.storage.path) else None
 
     def report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
         ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{int(metrics['epoch']):06d}",
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=runs.checkpoint_dir_name(metrics["epoch"]),
                          checkpoint_upload_fn=upload_fn if ckpt else None)
 
     with tempfile.TemporaryDirectory(prefix="raytimm-resume-") as tmp:
@@ -152,13 +151,10 @@ def _bucket_upload_fn(run_dir: str):
 
     R2 needs equal-sized parts and pyarrow's S3 multipart upload has failed against it
     (apache/arrow#34363); storage.upload is the path we can reason about. meta.json goes
-    last, so a folder with meta.json and the weights is a complete checkpoint.
+    last (runs.persist_checkpoint), so a folder with meta.json and the weights is complete.
     """
     def upload(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
-        dest = storage.join(run_dir, dir_name)
-        names = sorted(os.listdir(checkpoint.path), key=lambda n: (n == "meta.json", n))
-        for name in names:
-            storage.upload(os.path.join(checkpoint.path, name), storage.join(dest, name))
+        dest = runs.persist_checkpoint(checkpoint.path, storage.join(run_dir, dir_name))
         fs, fs_path = storage.get_filesystem(dest)
         return Checkpoint(path=fs_path, filesystem=fs)
 
@@ -168,28 +164,32 @@ def _bucket_upload_fn(run_dir: str):
 # ------------------------------------------------------------------ controller side
 
 class TrackingCallback(ray.train.UserCallback):
-    """Logs rank 0's metrics to MLflow and moves the `latest`/`best` pointers.
+    """Logs rank 0's metrics to MLflow and publishes each checkpoint in the run folder.
 
     Runs in the Train controller, after Ray has persisted the reported checkpoint, so a
-    pointer only ever names a complete checkpoint. Metrics go to the run's MLflow sender thread
-    (tracking.attach_logger), so a slow or dead tracking server never holds up the controller.
+    pointer only ever names a complete checkpoint; ``runs.RunFolder`` moves `latest`/`best`
+    (the ranking rule of runs.py) and rewrites progress.json. Metrics go to the run's MLflow sender
+    thread (tracking.attach_logger), so a slow or dead tracking server never holds up the controller.
     """
 
-    def __init__(self, *, run_dir: str, scheme: str, metric: str, mode: str, mlflow_kwargs: Optional[dict],
-                 endpoint_url: Optional[str] = None, region: Optional[str] = None):
+    def __init__(self, *, run_dir: str, run_name: str, scheme: str, metric: str, mode: str, epochs: int,
+                 mlflow_kwargs: Optional[dict], endpoint_url: Optional[str] = None, region: Optional[str] = None):
         self.run_dir = run_dir
         self.storage_opts = dict(endpoint_url=endpoint_url, region=region)
         self._configured = False
         self.scheme = scheme
-        self.metric = metric
-        self.mode = mode
         self.mlflow_kwargs = mlflow_kwargs  # tracking.attach_logger's arguments, or None
-        self.best_value: Optional[float] = None
+        # Built in the controller on first use: after a controller restart the new one reads the
+        # folder's best pointer and progress history again.
+        self.folder_kwargs = dict(run_name=run_name, metric=metric, mode=mode, epochs=epochs,
+                                  mlflow_run_id=(mlflow_kwargs or {}).get("run_id"))
+        self._folder: Optional[runs.RunFolder] = None
         self._logger = None
 
     def __getstate__(self) -> dict:
         s = dict(self.__dict__)
         s["_logger"] = None  # a thread: made again in the controller
+        s["_folder"] = None
         return s
 
     def _log_metrics(self, metrics: dict, step: int) -> None:
@@ -206,16 +206,7 @@ class TrackingCallback(ray.train.UserCallback):
         if self._logger is not None:
             self._logger.close()
 
-    def _better(self, value: float) -> bool:
-        # Ties go to the later checkpoint, as in Ray's own ranking: the best pointer must name a
-        # checkpoint that Ray's num_to_keep retention keeps.
-        if self.best_value is None:
-            return True
-        return value >= self.best_value if self.mode == "max" else value <= self.best_value
-
     def after_report(self, run_context, metrics, checkpoint) -> None:
-        from raytimm.checkpoint import write_best_pointer, write_latest_pointer
-
         m = {k: float(v) for k, v in (metrics[0] if metrics else {}).items() if isinstance(v, (int, float))}
         if "epoch" in m:
             self._log_metrics(m, int(m["epoch"]))
@@ -224,15 +215,10 @@ class TrackingCallback(ray.train.UserCallback):
         if not self._configured:  # this runs in the controller process, which has its own storage settings
             storage.configure(**self.storage_opts)
             self._configured = True
-        uri = checkpoint_uri(checkpoint.path, self.scheme)
-        write_latest_pointer(self.run_dir, uri, m)
-        value = m.get(self.metric)
-        if self.best_value is None:
-            # After a restart the controller is new; recover the best so far from the pointer.
-            self.best_value = _pointer_metric(self.run_dir, self.metric)
-        if value is not None and self._better(value):
-            self.best_value = value
-            write_best_pointer(self.run_dir, uri, m)
+        if self._folder is None:
+            self._folder = runs.RunFolder(self.run_dir, **self.folder_kwargs)
+        # Ray's retention ranks checkpoints with the same rule, so `best` always names a kept one.
+        self._folder.checkpoint_saved(checkpoint_uri(checkpoint.path, self.scheme), m)
 
 
 class _CloseTracking(ControllerCallback):
@@ -263,18 +249,6 @@ class FailFastCallback(ray.train.UserCallback):
                 raise ray.train.ControllerError(error)
 
 
-def _pointer_metric(run_dir: str, metric: str, name: str = "best") -> Optional[float]:
-    from raytimm.checkpoint import read_pointer_info
-
-    try:
-        p = read_pointer_info(run_dir, name)
-    except Exception:
-        return None
-    if not p:
-        return None
-    return (p.get("metrics") or {}).get(metric)
-
-
 def checkpoint_uri(path: str, scheme: str) -> str:
     """Ray gives bucket paths without a scheme (`bucket/prefix/...`); put ours back."""
     if scheme in ("s3", "r2") and "://" not in path:
@@ -289,9 +263,7 @@ def absolutize_paths(cfg: Config) -> Config:
     def fix(p: Optional[str]) -> Optional[str]:
         if not p or storage.is_remote(p):
             return p
-        if p.startswith("file://"):
-            p = p[len("file://"):]
-        return os.path.abspath(os.path.expanduser(p))
+        return os.path.abspath(storage.local_path(p))
 
     def node_local(p: str) -> str:
         # `~` and `$VAR` name each node's own disk: the worker expands them (train_loop_per_worker).
@@ -306,22 +278,18 @@ def absolutize_paths(cfg: Config) -> Config:
     )
 
 
-def default_run_name(cfg: Config) -> str:
-    return f"{cfg.model.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
 def preflight(cfg: Config) -> None:
     """Fail before any worker starts: storage reachable and writable, data present and sane."""
     if storage.is_remote(cfg.storage.path):
-        storage.preflight(cfg.storage.path, want="write", endpoint_url=cfg.storage.endpoint_url)
+        storage.preflight(cfg.storage.path, want="write")
     if not cfg.data.path:
         raise RaytimmError("data.path is empty: point it at an ImageFolder or DICE export (local, s3:// or r2://)")
     if storage.is_remote(cfg.data.path):
-        storage.preflight(cfg.data.path, want="dataset", endpoint_url=cfg.storage.endpoint_url)
+        storage.preflight(cfg.data.path, want="dataset")
         return
     if not os.path.isdir(cfg.data.path):
         raise RaytimmError(f"data.path {cfg.data.path!r} is not a folder")
-    from raytimm.engine import prepare_dataset_root
+    from raytimm.data.loaders import prepare_dataset_root
 
     # The workers' own call then finds this DICE conversion in the cache.
     local = prepare_dataset_root(cfg)
@@ -349,37 +317,12 @@ def _scaling(cfg: Config) -> ScalingConfig:
                          placement_strategy=cfg.scaling.placement_strategy)
 
 
-def _completed(run_dir: str, epochs: int, patience: int = 0) -> Optional[dict]:
-    """The `latest` pointer of a run that already finished (all epochs, or early-stopped), else None."""
-    from raytimm.checkpoint import load_meta, read_pointer_info
-
-    try:
-        latest = read_pointer_info(run_dir, "latest")
-    except Exception:
-        return None
-    if not latest:
-        return None
-    epoch = int((latest.get("metrics") or {}).get("epoch", 0))
-    if epoch >= epochs:
-        return latest
-    if patience:
-        try:
-            best_epoch = int(load_meta(latest["checkpoint"]).get("best_epoch") or 0)
-        except Exception:
-            return None
-        if best_epoch and epoch - best_epoch >= patience:
-            latest["early_stopped"] = True
-            return latest
-    return None
-
-
 def build_trainer(cfg: Config, *, run_name: str, callbacks: list, train_loop=None) -> TorchTrainer:
     """TorchTrainer for cfg: scaling, storage (local or bucket), checkpoint ranking, failures.
 
     ``train_loop`` replaces ``train_loop_per_worker`` (benchmarks and tests wrap it to inspect each rank).
     """
-    fs, fs_path = storage.get_filesystem(cfg.storage.path, endpoint_url=cfg.storage.endpoint_url,
-                                         region=cfg.storage.region)
+    fs, fs_path = storage.get_filesystem(cfg.storage.path)
     run_config = RunConfig(
         name=run_name,
         storage_path=fs_path,
@@ -399,31 +342,31 @@ def build_trainer(cfg: Config, *, run_name: str, callbacks: list, train_loop=Non
 
 def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks: Sequence = (),
           check: bool = True, train_loop=None) -> TrainResult:
-    """Run one training job end to end and publish its `best` pointer.
+    """Run one training job end to end and publish its `best` pointer and final progress.json.
 
     ``callbacks`` are extra Train callbacks (Tune's TuneReportCallback); ``check=False`` skips the
     data/storage preflight, which a sweep runs once instead of once per trial.
     """
-    from raytimm.checkpoint import read_pointer_info, write_best_pointer
     from raytimm.tracking import default_tracking_uri, make_logger, ray_job_tags, scrub_secrets
 
-    run_name = cfg.run.name or default_run_name(cfg)
+    run_name = cfg.run.name or runs.default_run_name(cfg.model.name)
     cfg = absolutize_paths(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=run_name)))
-    run_dir = storage.join(cfg.storage.path, run_name)
+    run_dir = runs.run_dir(cfg.storage.path, run_name)
     scheme = storage.parse_uri(cfg.storage.path).scheme
     storage.configure(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
     if check:
         preflight(cfg)
 
-    done = _completed(run_dir, cfg.train.epochs, cfg.train.patience)
+    # A storage error here propagates: read as "not complete" it would restart a finished run.
+    done = runs.completed(run_dir, epochs=cfg.train.epochs, patience=cfg.train.patience)
     if done is not None:
-        best = read_pointer_info(run_dir, "best") or {}
+        best = runs.read_pointer(run_dir, "best") or {}
         how = "stopped early" if done.get("early_stopped") else f"{cfg.train.epochs} epochs"
         print(f"run {run_name!r} is already complete ({how}) in {run_dir}; "
               f"raise train.epochs to continue it, or pick a new run.name")
         return TrainResult(run_dir=run_dir, best_checkpoint=best.get("checkpoint"), best_metrics=best.get("metrics", {}),
                            latest_checkpoint=done.get("checkpoint"), mlflow_run_id=None,
-                           epochs=int(done["metrics"].get("epoch", 0)), status="already_complete")
+                           epochs=done["epoch"], status="already_complete")
 
     init_ray()
     check_resources(cfg)
@@ -448,27 +391,34 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
         else:
             logger = None  # tracking unreachable: make_logger warned once; train without it
 
-    callback = TrackingCallback(run_dir=run_dir, scheme=scheme, metric=cfg.checkpoint.metric,
-                                mode=cfg.checkpoint.mode, mlflow_kwargs=mlflow_kwargs,
+    folder = runs.RunFolder(run_dir, run_name=run_name, metric=cfg.checkpoint.metric, mode=cfg.checkpoint.mode,
+                            epochs=cfg.train.epochs, mlflow_run_id=logger.run_id if logger else None)
+    folder.start()
+    callback = TrackingCallback(run_dir=run_dir, run_name=run_name, scheme=scheme, metric=cfg.checkpoint.metric,
+                                mode=cfg.checkpoint.mode, epochs=cfg.train.epochs, mlflow_kwargs=mlflow_kwargs,
                                 endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
     trainer = build_trainer(cfg, run_name=run_name, callbacks=[callback, _CloseTracking(callback), *callbacks],
                             train_loop=train_loop)
     try:
         result = trainer.fit()
     except Exception as e:
+        error = e
+    else:
+        error = result.error
+    if error is not None:
         if logger is not None:
             logger.finish("FAILED")
-        raise training_error(run_name, e) from None
-    if result.error is not None:
-        if logger is not None:
-            logger.finish("FAILED")
-        raise training_error(run_name, result.error)
+        _mark_failed(folder, f"training run {run_name!r} failed: {_failure_line(error)}")
+        raise training_error(run_name, error) from None
+    folder.reload()  # the controller's callback published every epoch since start()
 
-    best_ckpt, best_metrics = _best(result, cfg.checkpoint.metric, cfg.checkpoint.mode)
-    best_uri = checkpoint_uri(best_ckpt.path, scheme) if best_ckpt else None
+    best = runs.best_of(sorted(result.best_checkpoints or [], key=lambda cm: float(cm[1].get("epoch", 0))),
+                        metric=cfg.checkpoint.metric, mode=cfg.checkpoint.mode, metrics_of=lambda cm: cm[1])
+    best_uri = checkpoint_uri(best[0].path, scheme) if best else None
+    best_metrics = {k: v for k, v in best[1].items() if isinstance(v, (int, float))} if best else {}
     latest_uri = checkpoint_uri(result.checkpoint.path, scheme) if result.checkpoint else None
     if best_uri:
-        write_best_pointer(run_dir, best_uri, best_metrics)
+        folder.set_best(best_uri, best_metrics)
     out = TrainResult(run_dir=run_dir, best_checkpoint=best_uri, best_metrics=best_metrics,
                       latest_checkpoint=latest_uri, mlflow_run_id=logger.run_id if logger else None,
                       epochs=int((result.metrics or {}).get("epoch", 0)))
@@ -477,41 +427,51 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
         # controller could not send (a tracking outage), each once.
         _log_final_artifacts(logger, best_uri, out)
         logger.finish("FINISHED")
+    folder.latest_checkpoint = latest_uri or folder.latest_checkpoint
+    folder.finish("finished" if out.epochs >= cfg.train.epochs else "stopped_early")
     return out
 
 
-def training_error(run_name: str, error: BaseException) -> RaytimmError:
-    """One line for a failed run: a worker's raytimm error as it was raised, else the first failure named."""
+def _first_failure(error: BaseException) -> tuple[Optional[int], BaseException]:
+    """The error that failed the run and its worker rank: the lowest failed rank's own error, the
+    worker error FailFastCallback carried, or the cause of Ray's wrapper (rank None)."""
     from ray.train import ControllerError, WorkerGroupError
 
-    cause = error.__cause__ or error
+    if not isinstance(error, (ControllerError, WorkerGroupError)):
+        error = error.__cause__ or error  # Ray may wrap them once more
+    if isinstance(error, WorkerGroupError) and error.worker_failures:
+        return min(error.worker_failures.items())
     if isinstance(error, ControllerError):
-        cause = error.controller_failure  # FailFastCallback carries the worker's own error here
-    elif isinstance(error, WorkerGroupError) and error.worker_failures:
-        rank, cause = min(error.worker_failures.items())
-        if isinstance(cause, RaytimmError):
-            return cause  # e.g. a StorageError that outlasted run.max_failures restarts
-        first = (str(cause).strip().splitlines() or [""])[0]
-        return RaytimmError(f"training run {run_name!r} failed on worker rank {rank}: {type(cause).__name__}: "
-                            f"{first} (see the worker log above)")
+        return None, error.controller_failure
+    return None, error
+
+
+def training_error(run_name: str, error: BaseException) -> RaytimmError:
+    """One line for a failed run: a worker's raytimm error as it was raised (e.g. a StorageError
+    that outlasted run.max_failures restarts), else the first failure named."""
+    rank, cause = _first_failure(error)
     if isinstance(cause, RaytimmError):
         return cause
-    first = (str(cause).strip().splitlines() or [""])[0]
-    return RaytimmError(f"training run {run_name!r} failed: {type(cause).__name__}: {first}")
+    if rank is None:
+        return RaytimmError(f"training run {run_name!r} failed: {type(cause).__name__}: {runs.error_line(cause)}")
+    return RaytimmError(f"training run {run_name!r} failed on worker rank {rank}: {type(cause).__name__}: "
+                        f"{runs.error_line(cause)} (see the worker log above)")
 
 
-def _best(result, metric: str, mode: str) -> tuple[Optional[Checkpoint], dict]:
-    pairs = list(result.best_checkpoints or [])
-    pairs = [(c, m) for c, m in pairs if metric in m]
-    if not pairs:
-        return result.checkpoint, dict(result.metrics or {})
-    best = None
-    for c, m in pairs:  # ties go to the later checkpoint, like Ray's retention
-        v = m[metric] if mode == "max" else -m[metric]
-        if best is None or v >= best[0]:
-            best = (v, c, m)
-    _, c, m = best
-    return c, {k: v for k, v in m.items() if isinstance(v, (int, float))}
+def _failure_line(error: BaseException) -> str:
+    """What went wrong in one line: the first failed worker's own error, not Ray's multi-line wrapper."""
+    _, cause = _first_failure(error)
+    return f"{type(cause).__name__}: {runs.error_line(cause)}"
+
+
+def _mark_failed(folder: runs.RunFolder, message: str) -> None:
+    """progress.json says the run failed, with ``message``; the run's own error is what the caller
+    raises, so a store that cannot take this write only costs a warning."""
+    try:
+        folder.reload()  # the controller's callback published epochs since start()
+        folder.finish("failed", message)
+    except Exception as e:  # noqa: BLE001 - the training error above is the one to report
+        log.warning("could not mark %s as failed in progress.json: %s", folder.run_dir, e)
 
 
 def _log_final_artifacts(logger, best_uri: Optional[str], out: TrainResult) -> None:
@@ -520,7 +480,9 @@ def _log_final_artifacts(logger, best_uri: Optional[str], out: TrainResult) -> N
     from raytimm import plots
     from raytimm.checkpoint import load_meta
 
-    logger.set_tags({"raytimm.best_checkpoint": best_uri or "", "raytimm.latest_checkpoint": out.latest_checkpoint or ""})
+    best_epoch = out.best_metrics.get("epoch")
+    logger.set_tags({"raytimm.best_checkpoint": best_uri or "", "raytimm.latest_checkpoint": out.latest_checkpoint or "",
+                     "raytimm.best_epoch": str(int(best_epoch)) if best_epoch is not None else ""})
     try:
         best = load_meta(best_uri) if best_uri else {}
         latest = load_meta(out.latest_checkpoint) if out.latest_checkpoint else best

@@ -1,8 +1,8 @@
 """Remove secrets from config trees and URLs before they are written (meta.json) or logged (MLflow).
 
 Stdlib only, so both :mod:`raytimm.checkpoint` and :mod:`raytimm.tracking` can use it without
-pulling in torch or mlflow. (Credential *values* from the environment are removed from text by
-:func:`raytimm.storage.redact`.)
+pulling in torch or mlflow. Credential *values* never need removing from text: they stay in the
+environment and the provider chain, and storage errors are built from error codes, never from them.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
+from raytimm import storage
 # scrub_secrets/redact_uri are shared with checkpoint.py (meta.json); re-exported for callers here.
 from raytimm.secrets import redact_uri, scrub_secrets  # noqa: F401
 from raytimm.tracking_sender import Sender
@@ -204,12 +205,8 @@ def default_tracking_uri(storage_path: str | os.PathLike | None = "./runs") -> s
     env_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if env_uri:
         return env_uri
-    path = str(storage_path or "./runs")
-    if path.startswith("file://"):
-        path = path[len("file://"):]
-    elif "://" in path:
-        path = "./runs"
-    db = Path(path).expanduser().resolve() / "mlflow.db"
+    path = storage.local_path(str(storage_path or "./runs")) or "./runs"  # a bucket: keep the store local
+    db = Path(path).resolve() / "mlflow.db"
     # sqlite:/// + an absolute path gives the four slashes sqlite needs.
     return f"sqlite:///{db}"
 

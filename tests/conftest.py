@@ -12,6 +12,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.mlflow_server",
+    "tests.fixtures.outage",
 ]
 
 

@@ -39,6 +39,46 @@ def stop_session(sid: int) -> None:
             time.sleep(0.5)
 
 
+def _head_command(num_cpus: int, temp: Path, unset_env: Iterable[str] = ()) -> tuple[str, str, dict, list[str]]:
+    """(GCS address, dashboard URL, environment, `ray start --head --block ...`) on free loopback ports;
+    the environment is this process's without the ``unset_env`` variables."""
+    gcs, dashboard = free_port(), free_port()
+    address = f"127.0.0.1:{gcs}"
+    env = {k: v for k, v in os.environ.items() if k not in set(unset_env)}
+    env.update(RAY_ADDRESS=address, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+           "--num-cpus", str(num_cpus), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+           "--dashboard-port", str(dashboard), "--ray-client-server-port", str(free_port()),
+           "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats", "--temp-dir", str(temp)]
+    return address, f"http://127.0.0.1:{dashboard}", env, cmd
+
+
+@contextlib.contextmanager
+def ray_head_process(num_cpus: int, temp_dir: str | os.PathLike,
+                     ready_timeout_s: float = 180.0) -> Iterator[tuple[str, str, dict]]:
+    """A Ray head like ``ray_head``, but this process stays out of it (no ``ray.init`` here: its
+    RAY_AUTH_MODE would be fixed at import). Yields (GCS address, dashboard URL, env for clients)
+    once its Jobs API answers `ray job list`."""
+    temp = Path(temp_dir)
+    address, dashboard, env, cmd = _head_command(num_cpus, temp)
+    log = open(temp / "head.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            assert proc.poll() is None, (temp / "head.log").read_text()[-3000:]
+            r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", dashboard], env=env,
+                               capture_output=True, text=True, timeout=120)
+            if r.returncode == 0:
+                break
+            assert time.monotonic() < deadline, r.stdout[-2000:] + r.stderr[-2000:]
+            time.sleep(2)
+        yield address, dashboard, env
+    finally:
+        stop_session(proc.pid)
+        log.close()
+
+
 @contextlib.contextmanager
 def ray_head(num_cpus: int, temp_dir: str | os.PathLike, connect_timeout_s: float = 120.0,
              unset_env: Iterable[str] = ()) -> Iterator[str]:
@@ -49,14 +89,7 @@ def ray_head(num_cpus: int, temp_dir: str | os.PathLike, connect_timeout_s: floa
     as on a cluster started elsewhere.
     """
     temp = Path(temp_dir)
-    gcs = free_port()
-    address = f"127.0.0.1:{gcs}"
-    env = {k: v for k, v in os.environ.items() if k not in set(unset_env)}
-    env.update(RAY_ADDRESS=address, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-           "--num-cpus", str(num_cpus), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-           "--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port()),
-           "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats", "--temp-dir", str(temp)]
+    address, _, env, cmd = _head_command(num_cpus, temp, unset_env=unset_env)
     log = open(temp / "head.log", "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE")}

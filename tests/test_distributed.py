@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from raytimm import distributed as du
-from raytimm.engine import UnpaddedDistributedSampler, evaluate
+from raytimm.data.loaders import UnpaddedDistributedSampler
+from raytimm.engine import evaluate
 
 from tests.helpers_net import free_port
 

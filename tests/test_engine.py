@@ -1,4 +1,5 @@
 """engine.fit in one process (no Ray): checkpoints, meta.json, resume, EMA, accumulation, mixup, early stop."""
+import json
 import math
 import os
 import re
@@ -14,7 +15,8 @@ import torch
 
 from raytimm import checkpoint as ckpt
 from raytimm.config import config_from_dict
-from raytimm.engine import METRIC_KEYS, evaluate, fit
+from raytimm.engine import evaluate, fit
+from raytimm.metrics import METRIC_KEYS
 from raytimm.model import build_model
 
 CLASSES = 3
@@ -100,7 +102,7 @@ def test_checkpoint_files_meta_and_pointers(two_epochs, demo_root):
     assert len(meta["history"]) == 2 and len(meta["confusion_matrix"]) == CLASSES
     state = ckpt.load_train_state(run_dir / "checkpoint_000002")  # weights_only=True
     assert state["epoch"] == 2 and state["optimizer"]["state"] and len(state["rng"]) == 1
-    assert ckpt.read_best_pointer(str(run_dir)) == str(run_dir / f"checkpoint_{result.best_epoch:06d}")
+    assert ckpt.read_pointer(str(run_dir), "best") == str(run_dir / f"checkpoint_{result.best_epoch:06d}")
     assert result.best_checkpoint == str(run_dir / f"checkpoint_{result.best_epoch:06d}")
     assert ckpt.read_pointer(str(run_dir), "latest") == str(run_dir / "checkpoint_000002")
 
@@ -194,16 +196,65 @@ def test_report_callback_gets_complete_checkpoint_and_nothing_is_written(demo_ro
     assert not (tmp_path / "runs").exists() and result.run_dir is None
 
 
-def test_early_stopping_on_patience(demo_root, tmp_path):
-    # A learning rate too small to change any prediction: val/top1 never improves after epoch 1.
-    cfg = make_cfg(demo_root, tmp_path, epochs=6, lr=1e-12, patience=2, warmup_lr=1e-12, min_lr=1e-12)
+def frozen_cfg(demo_root, storage_path, **train):
+    """A learning rate too small to change any prediction: val/top1 is the same every epoch (a tie)."""
+    cfg = make_cfg(demo_root, storage_path, lr=1e-12, warmup_lr=1e-12, min_lr=1e-12, **train)
     cfg.model.name = "test_vit"  # LayerNorm only: no BatchNorm statistics drift in train mode
+    return cfg
+
+
+def test_early_stopping_on_patience(demo_root, tmp_path):
+    from raytimm import runs
+
+    cfg = frozen_cfg(demo_root, tmp_path, epochs=6, patience=2)
     cfg.checkpoint.num_to_keep = 1
     result = fit(cfg)
-    assert result.stopped_early and result.last_epoch == 3 and result.best_epoch == 1
-    # Like Ray's CheckpointConfig: the best num_to_keep plus the latest survive.
-    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint_*")) == ["checkpoint_000001",
-                                                                                "checkpoint_000003"]
+    # A tie is no improvement for patience, but it is the later (so the best) checkpoint for ranking.
+    assert len({h["val/top1"] for h in result.history}) == 1
+    assert result.stopped_early and result.last_epoch == 3 and result.best_epoch == 3
+    # Like Ray's CheckpointConfig: the best num_to_keep plus the latest survive (here the same one).
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint_*")) == ["checkpoint_000003"]
+    assert ckpt.load_meta(tmp_path / "run" / "checkpoint_000003")["epochs_without_improvement"] == 2
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert progress["status"] == "stopped_early" and progress["progress"] == 1.0 and progress["epoch"] == 3
+    # The completion rule agrees: a rerun with the same settings has nothing left to do.
+    done = runs.completed(str(tmp_path / "run"), epochs=6, patience=2)
+    assert done is not None and done["early_stopped"] and done["epoch"] == 3
+    assert runs.completed(str(tmp_path / "run"), epochs=6, patience=3) is None
+
+
+def test_a_tie_for_best_names_the_later_checkpoint_everywhere(demo_root, tmp_path, monkeypatch, capsys):
+    """The *best mark, meta.best_epoch, the `best` pointer, FitResult and progress.json agree on a tie."""
+    from raytimm import runs
+
+    run_dir = tmp_path / "run"
+    seen = []
+    publish = runs.LocalReporter.__call__
+
+    def publish_then_snapshot(self, metrics, checkpoint_dir):  # progress.json right after each epoch's report
+        publish(self, metrics, checkpoint_dir)
+        seen.append((int(metrics["epoch"]), json.loads((run_dir / "progress.json").read_text())))
+
+    monkeypatch.setattr(runs.LocalReporter, "__call__", publish_then_snapshot)
+    result = fit(frozen_cfg(demo_root, tmp_path, epochs=3))
+    tops = [h["val/top1"] for h in result.history]
+    assert tops[0] == tops[1] == tops[2], tops  # the tie really happened
+    later = str(run_dir / "checkpoint_000003")
+    assert result.best_epoch == 3 and result.best_checkpoint == later
+    assert ckpt.read_pointer(str(run_dir), "best") == later
+    assert ckpt.load_meta(later)["best_epoch"] == 3
+    summaries = [line for line in capsys.readouterr().out.splitlines() if re.match(r"epoch \d+/3  train/loss", line)]
+    assert len(summaries) == 3 and all(line.endswith("  *best") for line in summaries), summaries
+    assert [epoch for epoch, _ in seen] == [1, 2, 3]
+    for epoch, progress in seen:
+        assert progress["status"] == "running" and progress["epoch"] == epoch and progress["epochs"] == 3
+        assert [h["epoch"] for h in progress["history"]] == list(range(1, epoch + 1))
+        assert progress["best_epoch"] == epoch and progress["best_checkpoint"].endswith(f"checkpoint_{epoch:06d}")
+        assert progress["progress"] == pytest.approx(epoch / 3)
+    final = json.loads((run_dir / "progress.json").read_text())
+    assert final["status"] == "finished" and final["best_checkpoint"] == later and final["finished_at"]
+    # Retention ranks with the same rule: the best 2 (the two later ties) plus the latest.
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == ["checkpoint_000002", "checkpoint_000003"]
 
 
 def test_summary_line_on_stdout(demo_root, tmp_path, capsys):

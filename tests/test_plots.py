@@ -28,13 +28,6 @@ def assert_png(path, min_side=200):
     return data
 
 
-def test_per_class_accuracy_is_row_recall_in_percent():
-    acc = plots.per_class_accuracy(KNOWN_CM)
-    assert acc == pytest.approx([200 / 3, 100.0, 0.0])
-    # A class with no samples reports 0, not NaN (results go into JSON).
-    assert plots.per_class_accuracy([[0, 0], [1, 1]]) == [0.0, 50.0]
-
-
 def test_per_class_csv_exact_values(tmp_path):
     out = plots.per_class_csv(np.array(KNOWN_CM), ["cat", "dog", "bird"], tmp_path / "sub" / "per_class.csv")
     with open(out, newline="", encoding="utf-8") as fh:

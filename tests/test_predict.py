@@ -234,7 +234,7 @@ def test_predictor_and_evaluate_from_bucket(trained, s3_env, tmp_path):
     want = evaluate_checkpoint(trained["checkpoint"], data)
     assert got["top1"] == want["top1"] and got["num_samples"] == want["num_samples"] == 6
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
-    # Staged where training stages (engine.stage_dataset): <cache>/datasets, so a node stages a dataset once.
+    # Staged where training stages (data.loaders.stage_dataset): <cache>/datasets, so a node stages a dataset once.
     assert any((tmp_path / "cache" / "datasets").iterdir())
 
 

@@ -3,27 +3,25 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers_net import free_port
+from tests.helpers_serve import raytimm_serve
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 pytestmark = [pytest.mark.serve, pytest.mark.e2e, pytest.mark.slow]
 
 
 
-def readme_curl_commands() -> list[str]:
+def readme_curl_commands(marker: str = "curl-examples") -> list[str]:
+    """The shell commands between ``<!-- MARKER:start -->`` and its end, continuation lines joined."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"<!-- curl-examples:start -->\s*```bash\n(.*?)```", text, re.S)
-    assert block, "README.md lost its curl-examples block"
+    block = re.search(rf"<!-- {marker}:start -->\s*```bash\n(.*?)```", text, re.S)
+    assert block, f"README.md lost its {marker} block"
     commands, current = [], ""
     for line in block.group(1).splitlines():
         current += line.rstrip("\\").rstrip() + " "
@@ -58,35 +56,10 @@ def quickstart_tree(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(quickstart_tree):
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAYTIMM_API_TOKEN", None)
-    proc = subprocess.Popen([str(BIN / "raytimm"), "serve", "--checkpoint", "runs/quickstart", "--port", str(port),
-                             "--num-cpus", "0.5"],
-                            cwd=quickstart_tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    lines = []
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            lines.append(line)
-            if f"127.0.0.1:{port}" in line and "serving" in line:
-                break
-        else:
-            raise AssertionError("raytimm serve did not become ready:\n" + "".join(lines[-40:]))
-        assert proc.poll() is None, "raytimm serve exited:\n" + "".join(lines[-40:])
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYTIMM_API_TOKEN")}
+    with raytimm_serve(["--checkpoint", "runs/quickstart", "--num-cpus", "0.5"], port=port, cwd=quickstart_tree,
+                       env=env):
         yield port
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the command shuts Serve and Ray down itself
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-    assert proc.returncode in (0, -signal.SIGINT, 130), proc.returncode
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")

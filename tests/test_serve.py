@@ -14,7 +14,14 @@ import requests
 import torch
 
 from raytimm import checkpoint as ckpt
-from raytimm import serve as rs
+from raytimm.envvars import API_TOKEN_ENV
+from raytimm.serve.app import deploy
+from raytimm.serve.http import HTTPError, parse_top_k
+from raytimm.serve.ingress import Ingress
+from raytimm.serve.model import ModelServer
+from raytimm.serve.paths import check_checkpoint_path, normalize_prefix, storage_root
+from raytimm.serve.server import shutdown_server, wait_healthy
+from raytimm.serve.settings import ServeArgs
 from raytimm.predict import Predictor
 from tests import helpers_images as hi
 from tests.test_predict import CLASSES, MODEL, color_image, make_trained_checkpoint, png_bytes
@@ -62,24 +69,24 @@ def env(tmp_path_factory):
     outside_ckpt = copy_of_ckpt1(outside / "runB")
 
     port = free_port()
-    os.environ[rs.TOKEN_ENV] = TOKEN
+    os.environ[API_TOKEN_ENV] = TOKEN
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = rs.ServeArgs(checkpoint=str(run1), num_cpus=0.5, ingress_num_cpus=0.1, max_models=3,
+        args = ServeArgs(checkpoint=str(run1), num_cpus=0.5, ingress_num_cpus=0.1, max_models=3,
                             max_upload_mb=MAX_UPLOAD_MB, allow=[str(extra)], weights_dir=str(weights),
                             max_batch_size=8, batch_wait_ms=5)
-        rs.deploy(args)
+        deploy(args)
         url = f"http://127.0.0.1:{port}"
-        rs.wait_healthy(url, timeout_s=180)
+        wait_healthy(url, timeout_s=180)
         session = requests.Session()
         session.headers["Authorization"] = f"Bearer {TOKEN}"
         yield {"url": url, "s": session, "args": args, "run1": str(run1), "ckpt1": ckpt1, "ckpt2": ckpt2,
                "legacy": str(legacy), "weights": str(weights), "extra_ckpt": extra_ckpt, "outside": str(outside),
                "outside_ckpt": outside_ckpt, "runs": str(runs), "root": root}
     finally:
-        os.environ.pop(rs.TOKEN_ENV, None)
-        rs.shutdown_server(stop_ray=True)
+        os.environ.pop(API_TOKEN_ENV, None)
+        shutdown_server(stop_ray=True)
 
 
 def _file(name="x.png", data=None, ctype="image/png"):
@@ -391,7 +398,7 @@ def test_hot_reload_under_load_has_zero_failures(env):
         while len(answers) < 8 and not failures:
             time.sleep(0.1)
         replica = env["s"].get(env["url"] + "/model", timeout=10).json()["replica"]
-        rs.deploy(env["args"].model_copy(update={"checkpoint": env["ckpt2"]}))
+        deploy(env["args"].model_copy(update={"checkpoint": env["ckpt2"]}))
         deadline = time.monotonic() + 120
         while env["s"].get(env["url"] + "/model", timeout=10).json()["checkpoint"] != env["ckpt2"]:
             assert time.monotonic() < deadline, "reload did not happen"
@@ -414,7 +421,7 @@ def test_hot_reload_under_load_has_zero_failures(env):
 def test_failed_reload_keeps_old_model_and_reports(env):
     bad = os.path.join(env["runs"], "broken", "checkpoint_000009")
     ckpt.save_checkpoint(bad, model_state={"w": torch.zeros(2)}, meta=ckpt.load_meta(env["ckpt1"]))
-    rs.deploy(env["args"].model_copy(update={"checkpoint": bad}))
+    deploy(env["args"].model_copy(update={"checkpoint": bad}))
     deadline = time.monotonic() + 120
     while True:
         meta = env["s"].get(env["url"] + "/model", timeout=10).json()
@@ -428,7 +435,7 @@ def test_failed_reload_keeps_old_model_and_reports(env):
     assert r.status_code == 200 and r.json()["predicted_class"] == "RED"
     assert requests.get(env["url"] + "/healthz", timeout=10).status_code == 200
     # Going back to the served checkpoint clears the error.
-    rs.deploy(env["args"].model_copy(update={"checkpoint": env["ckpt2"]}))
+    deploy(env["args"].model_copy(update={"checkpoint": env["ckpt2"]}))
     deadline = time.monotonic() + 120
     while env["s"].get(env["url"] + "/model", timeout=10).json()["reload_error"]:
         assert time.monotonic() < deadline, "reload error was never cleared"
@@ -436,43 +443,44 @@ def test_failed_reload_keeps_old_model_and_reports(env):
 
 
 def test_serve_args_parse_cli_style():
-    args = rs.ServeArgs.model_validate({"checkpoint": "/x", "allow": "s3://a/p,/data/runs", "replicas": "2"})
+    args = ServeArgs.model_validate({"checkpoint": "/x", "allow": "s3://a/p,/data/runs", "replicas": "2"})
     assert args.allow == ["s3://a/p", "/data/runs"] and args.replicas == 2
 
 
 def test_token_never_in_repr():
-    assert TOKEN not in repr(rs.Secret(TOKEN)) and TOKEN not in str(rs.Secret(TOKEN))
-    assert json.dumps(rs.check_checkpoint_path("s3://b/x/y", ["s3://b"])) == '"s3://b/x/y"'
+    args = ServeArgs(checkpoint="/x", api_token=TOKEN)
+    assert TOKEN not in repr(args) and TOKEN not in str(args) and TOKEN not in repr(args.token())
+    assert json.dumps(check_checkpoint_path("s3://b/x/y", ["s3://b"])) == '"s3://b/x/y"'
 
 
 def test_top_k_parsing():
-    assert rs.parse_top_k(None) == 5 and rs.parse_top_k(" 7 ") == 7 and rs.parse_top_k("+2") == 2
-    assert rs.parse_top_k("9" * 40) >= 10 ** 9  # clamped later, never an overflow
+    assert parse_top_k(None) == 5 and parse_top_k(" 7 ") == 7 and parse_top_k("+2") == 2
+    assert parse_top_k("9" * 40) >= 10 ** 9  # clamped later, never an overflow
     for bad in ("0", "-3", "x", "2.0", "1e2", "0x10"):
-        with pytest.raises(rs.HTTPError) as e:
-            rs.parse_top_k(bad)
+        with pytest.raises(HTTPError) as e:
+            parse_top_k(bad)
         assert e.value.status == 422
 
 
 def test_allowed_prefix_rules_are_syntactic(tmp_path):
-    allowed = [rs.normalize_prefix(str(tmp_path / "runs")), rs.normalize_prefix("s3://bucket/models")]
-    ok = rs.check_checkpoint_path(str(tmp_path / "runs" / "a" / "b"), allowed)
+    allowed = [normalize_prefix(str(tmp_path / "runs")), normalize_prefix("s3://bucket/models")]
+    ok = check_checkpoint_path(str(tmp_path / "runs" / "a" / "b"), allowed)
     assert ok == str(tmp_path / "runs" / "a" / "b")  # nothing needs to exist
-    assert rs.check_checkpoint_path("s3://bucket/models/x", allowed) == "s3://bucket/models/x"
+    assert check_checkpoint_path("s3://bucket/models/x", allowed) == "s3://bucket/models/x"
     for bad in (str(tmp_path / "runs2"), str(tmp_path / "runs" / ".." / "x"), "s3://bucket/models2/x",
                 "s3://bucket/x", "r2://bucket/models/x", "file://" + str(tmp_path / "runs" / "a"),
                 "http://bucket/models", "relative/runs", "~/x", str(tmp_path / "runs") + "\x00"):
-        with pytest.raises(rs.HTTPError) as e:
-            rs.check_checkpoint_path(bad, allowed)
+        with pytest.raises(HTTPError) as e:
+            check_checkpoint_path(bad, allowed)
         assert e.value.status == 403, bad
 
 
 def test_storage_root_defaults(tmp_path):
     path = make_trained_checkpoint(tmp_path / "runs" / "r1", steps=1)
-    assert rs.storage_root(path) == str(tmp_path / "runs")
-    assert rs.storage_root(str(tmp_path / "runs" / "r1")) == str(tmp_path / "runs")
+    assert storage_root(path) == str(tmp_path / "runs")
+    assert storage_root(str(tmp_path / "runs" / "r1")) == str(tmp_path / "runs")
     from raytimm.checkpoint import resolve_checkpoint
-    assert rs.storage_root(resolve_checkpoint(str(tmp_path / "runs" / "r1"))) == str(tmp_path / "runs")  # build_app's call
+    assert storage_root(resolve_checkpoint(str(tmp_path / "runs" / "r1"))) == str(tmp_path / "runs")  # build_app's call
 
 
 def test_serve_yaml_is_a_valid_serve_config():
@@ -485,10 +493,10 @@ def test_serve_yaml_is_a_valid_serve_config():
     schema = ServeDeploySchema.model_validate(raw)
     (app,) = schema.applications
     assert app.import_path == "raytimm.serve:build_app"
-    args = rs.ServeArgs.model_validate(app.args)
+    args = ServeArgs.model_validate(app.args)
     assert args.checkpoint.startswith("s3://")
     deployments = {d.name: d for d in app.deployments}
-    assert set(deployments) == {rs.ModelServer.name, rs.Ingress.name}
+    assert set(deployments) == {ModelServer.name, Ingress.name}
     model = deployments["ModelServer"]
     assert model.autoscaling_config["max_replicas"] >= model.autoscaling_config["min_replicas"] >= 1
     assert model.ray_actor_options.num_cpus > 0 and model.ray_actor_options.num_gpus is not None

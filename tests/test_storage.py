@@ -116,6 +116,16 @@ def test_join_and_normalize(tmp_path):
         storage.join("s3://b-1/a", "../escape")
 
 
+def test_local_path_strips_file_scheme_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert storage.local_path("file:///data/x") == "/data/x"
+    assert storage.local_path("runs/a") == "runs/a"  # relative stays relative
+    assert storage.local_path("file://~/w.safetensors") == str(tmp_path / "w.safetensors")
+    assert storage.local_path("s3://b-1/x") is None and storage.local_path("r2://b-1/x") is None
+    with pytest.raises(StorageError, match="file://: file:// URI without a path"):
+        storage.local_path("file://")
+
+
 # --------------------------------------------------------------------------- client config (no server)
 
 
@@ -130,12 +140,43 @@ def test_r2_client_config(no_storage_env, monkeypatch):
     assert cfg.s3["addressing_style"] == "path"
     assert cfg.request_checksum_calculation == "when_required"
     assert cfg.response_checksum_validation == "when_required"
-    assert cfg.retries == {"mode": "standard", "total_max_attempts": storage.MAX_ATTEMPTS}
+    assert cfg.retries == {"mode": storage.RETRY_MODE, "total_max_attempts": storage.MAX_ATTEMPTS}
     assert cfg.connect_timeout == storage.CONNECT_TIMEOUT_S and cfg.read_timeout == storage.READ_TIMEOUT_S
     # R2 keys win over the AWS chain: the signed URL carries the R2 access key id, not the AWS one.
     url = client.generate_presigned_url("get_object", Params={"Bucket": "b-1", "Key": "k"})
     assert "R2KEYID-distinct" in url and "AKIAUNITTEST0000" not in url
     assert "/b-1/k" in url  # path style
+
+
+def test_retry_settings_are_deliberate(no_storage_env, monkeypatch):
+    """The numbers storage/clients.py explains: legacy mode, 8 attempts, bounded timeouts; a quick preflight."""
+    from botocore.retryhandler import delay_exponential
+
+    cfg = storage.s3_client("s3").meta.config
+    assert cfg.retries == {"mode": "legacy", "total_max_attempts": 8}
+    assert (cfg.connect_timeout, cfg.read_timeout) == (10, 60)
+    assert storage.s3_client("s3", probe=True).meta.config.retries == {
+        "mode": "legacy", "total_max_attempts": 3}
+    # botocore's own legacy backoff for those 7 retries, rand(0,1) * 2**i s: at most 127 s, 63.5 s on
+    # average (the comment's figures), far above a 10 s outage.
+    assert sum(delay_exponential(1.0, 2, attempt) for attempt in range(1, storage.MAX_ATTEMPTS)) == 127
+    # AWS_MAX_ATTEMPTS, botocore's variable, overrides the count; nonsense is refused by name.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    assert storage.s3_client("s3").meta.config.retries["total_max_attempts"] == 2
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "zero")
+    with pytest.raises(StorageError, match="AWS_MAX_ATTEMPTS='zero': expected a whole number"):
+        storage.s3_client("s3")
+
+
+def test_pyarrow_filesystem_retries(no_storage_env, monkeypatch):
+    """Ray's storage_filesystem: 10 attempts of the SDK's unjittered 25 ms * 2**i backoff, kept when pickled."""
+    import cloudpickle
+
+    monkeypatch.setenv("R2_ACCOUNT_ID", "acc")
+    fs, _ = storage.get_filesystem("r2://b-1/runs")
+    copy = cloudpickle.loads(cloudpickle.dumps(fs))
+    assert fs.max_attempts == copy.max_attempts == 10
+    assert (copy.region, copy.__reduce__()[1][1]["endpoint_override"]) == ("auto", "acc.r2.cloudflarestorage.com")
 
 
 def test_r2_without_r2_keys_uses_aws_chain(no_storage_env, monkeypatch):
@@ -175,7 +216,8 @@ def test_s3_client_config_keeps_boto_checksums(no_storage_env, monkeypatch):
     assert cfg.request_checksum_calculation != "when_required"
     assert cfg.s3["addressing_style"] == "path"
     # An s3:// URI pointed at an R2 endpoint still gets R2's checksum settings.
-    r2_cfg = storage.s3_client("s3", endpoint_url="https://acc.r2.cloudflarestorage.com").meta.config
+    storage.configure(endpoint_url="https://acc.r2.cloudflarestorage.com")
+    r2_cfg = storage.s3_client("s3").meta.config
     assert r2_cfg.request_checksum_calculation == "when_required"
 
 
@@ -190,10 +232,11 @@ def test_endpoint_resolution(no_storage_env, monkeypatch):
     assert storage.endpoint_for("s3") == "http://aws-env:1"
     monkeypatch.setenv("R2_ENDPOINT_URL", "http://r2-env:1")
     assert storage.endpoint_for("r2") == "http://r2-env:1"
-    assert storage.endpoint_for("r2", "http://explicit:1") == "http://explicit:1"
-    storage.configure(endpoint_url="http://configured:1")
+    storage.configure(endpoint_url="http://configured:1")  # storage.endpoint_url wins over every variable
     assert storage.endpoint_for("s3") == "http://configured:1"
-    assert storage.endpoint_for("s3", "http://explicit:1") == "http://explicit:1"
+    assert storage.endpoint_for("r2") == "http://configured:1"
+    storage.configure()
+    assert storage.endpoint_for("s3") == "http://aws-env:1"
 
 
 def test_get_filesystem_settings(no_storage_env, monkeypatch, tmp_path):
@@ -208,16 +251,14 @@ def test_get_filesystem_settings(no_storage_env, monkeypatch, tmp_path):
     assert "acc.r2.cloudflarestorage.com" in repr(fs.__reduce__())
 
 
-def test_part_size_minimum():
+def test_part_size_minimum(monkeypatch):
+    from raytimm.storage.transfer import part_size_for
+
     with pytest.raises(StorageError, match="5 MiB"):
-        storage.configure(part_size=MiB)
-
-
-def test_redact(monkeypatch):
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value-123")
-    monkeypatch.setenv("R2_ACCESS_KEY_ID", "R2IDVALUE")
-    text = "key=R2IDVALUE secret=very-secret-value-123 ok"
-    assert storage.redact(text) == "key=*** secret=*** ok"
+        part_size_for(MiB)
+    monkeypatch.setenv("RAYTIMM_S3_PART_SIZE_MB", "1")
+    with pytest.raises(StorageError, match="5 MiB"):
+        part_size_for(None)
 
 
 # --------------------------------------------------------------------------- local paths
@@ -254,49 +295,63 @@ def test_local_preflight(tmp_path):
     assert (tmp_path / "runs" / "new").is_dir()
 
 
+def test_preflight_accepts_what_training_accepts(tmp_path):
+    """The dataset preflight and the ImageFolder scan agree on image extensions (one list)."""
+    from raytimm.data.folder import IMAGE_EXTENSIONS, is_image_file
+
+    for ext in (*IMAGE_EXTENSIONS, ".gif", ".txt"):
+        ds = make_tree(tmp_path / ext.lstrip("."), {f"train/cat/1{ext.upper()}": b"x"})
+        if is_image_file(f"1{ext}"):
+            storage.preflight(ds, want="dataset")
+        else:
+            with pytest.raises(StorageError, match="no images"):
+                storage.preflight(ds, want="dataset")
+
+
 # --------------------------------------------------------------------------- S3-compatible server
 
 
-def _r2_kwargs(s3_env, monkeypatch) -> dict:
-    """r2:// against the moto endpoint given explicitly, with R2-specific keys."""
+def _use_r2_endpoint(s3_env, monkeypatch) -> None:
+    """r2:// against the moto endpoint set explicitly (storage.endpoint_url), with R2-specific keys."""
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     monkeypatch.setenv("R2_ACCOUNT_ID", "would-be-unreachable")  # the explicit endpoint must win
     monkeypatch.setenv("R2_ACCESS_KEY_ID", FAKE_ACCESS_KEY)
     monkeypatch.setenv("R2_SECRET_ACCESS_KEY", FAKE_SECRET_KEY)
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    return {"endpoint_url": s3_env.endpoint}
+    storage.configure(endpoint_url=s3_env.endpoint)
 
 
 @pytest.mark.s3
 @pytest.mark.parametrize("scheme", ["s3", "r2"])
 def test_roundtrip(s3_env, monkeypatch, tmp_path, scheme):
-    kw = _r2_kwargs(s3_env, monkeypatch) if scheme == "r2" else {}
+    if scheme == "r2":
+        _use_r2_endpoint(s3_env, monkeypatch)
     files = {"train/cat/1.jpg": b"cat-1", "train/dog/2.png": b"dog-22", "val/cat/3.jpg": b"c3"}
     src = make_tree(tmp_path / "src", files)
     base = s3_env.uri("data/ds", scheme)
 
-    assert storage.upload(src, base, **kw) == base
-    assert [(i.key, i.size) for i in storage.list_files(base, **kw)] == sorted(
+    assert storage.upload(src, base) == base
+    assert [(i.key, i.size) for i in storage.list_files(base)] == sorted(
         (k, len(v)) for k, v in files.items()
     )
-    assert storage.exists(base, **kw) and storage.exists(f"{base}/train/cat/1.jpg", **kw)
-    assert not storage.exists(f"{base}/nope", **kw)
+    assert storage.exists(base) and storage.exists(f"{base}/train/cat/1.jpg")
+    assert not storage.exists(f"{base}/nope")
 
-    storage.download(base, str(tmp_path / "down"), **kw)
+    storage.download(base, str(tmp_path / "down"))
     assert read_tree(tmp_path / "down") == files
-    storage.download(f"{base}/val/cat/3.jpg", str(tmp_path / "one.jpg"), **kw)
+    storage.download(f"{base}/val/cat/3.jpg", str(tmp_path / "one.jpg"))
     assert (tmp_path / "one.jpg").read_bytes() == b"c3"
 
-    staged = storage.stage(base, str(tmp_path / "cache"), **kw)
+    staged = storage.stage(base, str(tmp_path / "cache"))
     assert staged.startswith(str(tmp_path / "cache")) and read_tree(staged) == files
 
-    storage.write_text(f"{base}/meta.json", '{"x": 1}', **kw)
-    assert storage.read_text(f"{base}/meta.json", **kw) == '{"x": 1}'
-    storage.preflight(base, want="dataset", **kw)
-    storage.preflight(base, want="write", **kw)
-    assert storage.delete(f"{base}/train", **kw) == 2
-    assert [i.key for i in storage.list_files(base, **kw)] == ["meta.json", "val/cat/3.jpg"]
+    storage.write_text(f"{base}/meta.json", '{"x": 1}')
+    assert storage.read_text(f"{base}/meta.json") == '{"x": 1}'
+    storage.preflight(base, want="dataset")
+    storage.preflight(base, want="write")
+    assert storage.delete(f"{base}/train") == 2
+    assert [i.key for i in storage.list_files(base)] == ["meta.json", "val/cat/3.jpg"]
 
 
 @pytest.mark.s3
@@ -329,11 +384,11 @@ def test_pyarrow_filesystem_and_markers(s3_env, tmp_path):
 
 @pytest.mark.s3
 def test_pyarrow_filesystem_r2(s3_env, monkeypatch):
-    kw = _r2_kwargs(s3_env, monkeypatch)
-    fs, path = storage.get_filesystem(s3_env.uri("r", "r2"), **kw)
+    _use_r2_endpoint(s3_env, monkeypatch)
+    fs, path = storage.get_filesystem(s3_env.uri("r", "r2"))
     with fs.open_output_stream(f"{path}/a.txt") as out:
         out.write(b"r2-data")
-    assert storage.read_bytes(s3_env.uri("r/a.txt", "r2"), **kw) == b"r2-data"
+    assert storage.read_bytes(s3_env.uri("r/a.txt", "r2")) == b"r2-data"
 
 
 @pytest.mark.s3
@@ -431,8 +486,9 @@ def test_listing_paginates_past_1000(s3_env, tmp_path):
 @pytest.mark.s3
 def test_preflight_unreachable_endpoint(s3_env):
     closed = f"http://127.0.0.1:{free_port()}"
+    storage.configure(endpoint_url=closed)
     with pytest.raises(StorageError) as err:
-        storage.preflight(s3_env.uri("ds"), want="dataset", endpoint_url=closed)
+        storage.preflight(s3_env.uri("ds"), want="dataset")
     assert str(err.value).startswith(f"{s3_env.uri('ds')}: cannot reach the storage endpoint {closed}")
 
 
@@ -440,8 +496,9 @@ def test_preflight_unreachable_endpoint(s3_env):
 def test_preflight_stopped_server(s3_env):
     server, endpoint = start_moto_server()
     server.stop()
+    storage.configure(endpoint_url=endpoint)
     with pytest.raises(StorageError, match="cannot reach the storage endpoint"):
-        storage.preflight(s3_env.uri("runs"), want="write", endpoint_url=endpoint)
+        storage.preflight(s3_env.uri("runs"), want="write")
 
 
 @pytest.mark.s3
@@ -455,9 +512,10 @@ def test_preflight_missing_bucket(s3_env):
 @pytest.mark.s3
 def test_preflight_wrong_keys(s3_env, s3_auth_server):
     """A server that checks keys rejects unknown ones; the message says so and names no secret."""
+    storage.configure(endpoint_url=s3_auth_server.endpoint)
     for want in ("read", "write"):
         with pytest.raises(StorageError) as err:
-            storage.preflight(s3_env.uri("ds"), want=want, endpoint_url=s3_auth_server.endpoint)
+            storage.preflight(s3_env.uri("ds"), want=want)
         msg = str(err.value)
         assert msg.startswith(f"{s3_env.uri('ds')}: the storage credentials were rejected (InvalidAccessKeyId)")
         assert FAKE_ACCESS_KEY not in msg and FAKE_SECRET_KEY not in msg
@@ -466,15 +524,16 @@ def test_preflight_wrong_keys(s3_env, s3_auth_server):
 @pytest.mark.s3
 def test_preflight_wrong_secret_and_no_permission(s3_env, s3_auth_server, monkeypatch):
     """A real key with a wrong secret is rejected; the right secret without a policy is denied."""
-    uri, kw = s3_env.uri("ds"), {"endpoint_url": s3_auth_server.endpoint}
+    uri = s3_env.uri("ds")
+    storage.configure(endpoint_url=s3_auth_server.endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_auth_server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-for-a-real-key")
     with pytest.raises(StorageError) as rejected:
-        storage.preflight(uri, want="read", **kw)
+        storage.preflight(uri, want="read")
     assert str(rejected.value).startswith(f"{uri}: the storage credentials were rejected (SignatureDoesNotMatch)")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_auth_server.secret_key)
     with pytest.raises(StorageError) as denied:
-        storage.preflight(uri, want="write", **kw)
+        storage.preflight(uri, want="write")
     assert str(denied.value).startswith(f"{uri}: access denied (AccessDenied, HTTP 403)")
     for err in (rejected, denied):
         assert s3_auth_server.access_key not in str(err.value)
@@ -509,18 +568,18 @@ def test_secrets_never_in_errors(s3_env, s3_auth_server, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", access)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     closed = f"http://127.0.0.1:{free_port()}"
-    attempts = [
-        lambda: storage.preflight(s3_env.uri("ds"), want="read", endpoint_url=s3_auth_server.endpoint),
-        lambda: storage.read_bytes(s3_env.uri("x.bin"), endpoint_url=s3_auth_server.endpoint),
-        lambda: storage.upload(__file__, s3_env.uri("x.py"), endpoint_url=s3_auth_server.endpoint),
-        lambda: storage.preflight(s3_env.uri("ds"), want="write", endpoint_url=closed),
-        lambda: storage.preflight("s3://no-such-bucket-xyz/ds", want="read"),
-        lambda: storage.read_bytes(s3_env.uri("missing.bin")),
+    attempts = [  # (endpoint, call); None = AWS_ENDPOINT_URL's server
+        (s3_auth_server.endpoint, lambda: storage.preflight(s3_env.uri("ds"), want="read")),
+        (s3_auth_server.endpoint, lambda: storage.read_bytes(s3_env.uri("x.bin"))),
+        (s3_auth_server.endpoint, lambda: storage.upload(__file__, s3_env.uri("x.py"))),
+        (closed, lambda: storage.preflight(s3_env.uri("ds"), want="write")),
+        (None, lambda: storage.preflight("s3://no-such-bucket-xyz/ds", want="read")),
+        (None, lambda: storage.read_bytes(s3_env.uri("missing.bin"))),
     ]
-    for attempt in attempts:
+    for endpoint, attempt in attempts:
+        storage.configure(endpoint_url=endpoint)
         with pytest.raises(StorageError) as err:
             attempt()
         text = str(err.value) + repr(err.value)
         assert access not in text and secret not in text
         assert err.value.__cause__ is None and err.value.__suppress_context__  # no raw botocore chain
-        assert storage.redact(f"{access}:{secret}") == "***:***"

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -410,11 +411,14 @@ def second_server():
 
 
 @pytest.mark.slow
+@pytest.mark.serve
 def test_r2_training_with_explicit_endpoint_fine_tunes_from_legacy_pt(e2e, second_server, tmp_path, capfd):
     """r2:// data, checkpoints and a legacy init_checkpoint on a server named only by storage.endpoint_url.
 
     AWS_ENDPOINT_URL points at the module's other server, so the run succeeds only if the driver,
-    the controller and the workers all use the explicit endpoint.
+    the controller and the workers all use the explicit endpoint; then Serve replicas load the run's
+    best checkpoint from it too. Ray was started before any storage.configure(), so workers and
+    replicas can only get the endpoint through what raytimm forwards, as on a joined cluster.
     """
     import safetensors.torch
     import torch
@@ -426,10 +430,12 @@ def test_r2_training_with_explicit_endpoint_fine_tunes_from_legacy_pt(e2e, secon
     ep = second_server
     bucket = "r2-e2e"
     e2e.client(ep).create_bucket(Bucket=bucket)
-    storage.upload(e2e.data_dir, f"r2://{bucket}/ds", endpoint_url=ep)
+    storage.configure(endpoint_url=ep)
+    storage.upload(e2e.data_dir, f"r2://{bucket}/ds")
     legacy, state = _legacy_pt(tmp_path / "best.pt")
     init = f"r2://{bucket}/checkpoints/projects/1/jobs/100/best.pt"
-    storage.upload(str(legacy), init, endpoint_url=ep)
+    storage.upload(str(legacy), init)
+    storage.configure()  # from here on only the run's config names the endpoint
 
     # lr ~ 0: the fine-tuned weights must still be the legacy ones, so we can tell they were loaded.
     cfg = _load([f"data.path=r2://{bucket}/ds", f"storage.path=r2://{bucket}/runs", "run.name=r2-run",
@@ -446,11 +452,44 @@ def test_r2_training_with_explicit_endpoint_fine_tunes_from_legacy_pt(e2e, secon
     assert not e2e.keys("runs/r2-run")  # nothing went to AWS_ENDPOINT_URL's server
 
     weights = tmp_path / "w.safetensors"
-    storage.download(f"{res.best_checkpoint}/model.safetensors", str(weights), endpoint_url=ep)
+    storage.configure(endpoint_url=ep)
+    storage.download(f"{res.best_checkpoint}/model.safetensors", str(weights))
     tuned = safetensors.torch.load_file(str(weights))
     for key, value in state.items():
         if value.is_floating_point() and "running" not in key:  # BN running stats move in train mode
             assert torch.allclose(tuned[key], value, atol=1e-5), key
+
+    # `raytimm serve --config` with the run's storage section, joined to the module's Ray: the replicas
+    # read the checkpoint from the endpoint only that section names.
+    storage.configure()
+    port = free_port()
+    serve_cfg = tmp_path / "serve.yaml"
+    serve_cfg.write_text(f"storage:\n  endpoint_url: {ep}\nserve:\n  checkpoint: {res.run_dir}\n"
+                         f"  port: {port}\n  num_cpus: 0.5\n")
+    import ray
+    import requests
+
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    proc = subprocess.Popen([*RAYTIMM, "serve", "--config", str(serve_cfg)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    served = []
+    try:
+        for line in proc.stdout:  # "raytimm serving <checkpoint> at <url> ..." once /healthz answers
+            served.append(line)
+            if line.startswith("raytimm serving"):
+                break
+        assert served and served[-1].startswith(f"raytimm serving {res.run_dir} at "), "".join(served)[-3000:]
+        url = f"http://127.0.0.1:{port}"
+        assert requests.get(f"{url}/model", timeout=60).json()["checkpoint"] == res.best_checkpoint
+        image = next(Path(e2e.data_dir, "val").rglob("*.*"))
+        with open(image, "rb") as fh:
+            answer = requests.post(f"{url}/predict", files={"file": (image.name, fh)}, timeout=120)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["predicted_class"] in sorted(p.name for p in Path(e2e.data_dir, "train").iterdir())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    _assert_no_canary("".join(served) + rest, "`raytimm serve` output")
     out = capfd.readouterr()
     _assert_no_canary(out.out + out.err, "r2 training output")
 

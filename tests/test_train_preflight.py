@@ -14,7 +14,7 @@ def _cfg(data, tmp_path, *overrides):
 
 def test_preflight_converts_dice_once_into_the_cache_the_workers_use(tmp_path):
     from raytimm.data.demo import make_demo_dice
-    from raytimm.engine import prepare_dataset_root
+    from raytimm.data.loaders import prepare_dataset_root
     from raytimm.ray_train import preflight
 
     dice = make_demo_dice(str(tmp_path / "dice"), classes=3, per_class=6, size=16, seed=0)

@@ -81,7 +81,7 @@ def _digest_loop_factory(out_dir: str):
         finally:
             ray.train.torch.prepare_model = original
         h = hashlib.sha256()
-        # Buffers too: BatchNorm running stats must match across ranks (PITFALLS: DDP syncs them late).
+        # Buffers too: BatchNorm running stats must match across ranks (docs/pitfalls-found.md: DDP syncs them late).
         for k, v in sorted(unwrap_model(captured["model"]).state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
@@ -264,6 +264,41 @@ def test_cli_worker_config_error_is_the_last_line(ray_local, demo_data, tmp_path
     assert last.startswith("error: train.opt='nosuchopt': "), proc.stderr[-3000:]
 
 
+@pytest.mark.mlflow_server
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_tie_for_best_names_the_later_checkpoint_everywhere(ray_local, demo_data, tmp_path, mlflow_server, workers):
+    """meta.best_epoch, the `best` pointer, --result-json's best_checkpoint, MLflow's raytimm.best_epoch tag and
+    progress.json all name the later of two checkpoints with the same val/top1."""
+    from mlflow import MlflowClient
+
+    from raytimm.checkpoint import load_meta, read_pointer
+    from raytimm.ray_train import train
+
+    root, _ = demo_data
+    # A learning rate too small to change any prediction: val/top1 is the same every epoch. test_vit has
+    # LayerNorm only, so no BatchNorm statistics drift either.
+    frozen = ["train.lr=1e-12", "train.warmup_lr=1e-12", "train.min_lr=1e-12", "model.name=test_vit", "model.img_size=32"]
+    cfg = _cfg(root, tmp_path / "runs", f"run.name=tie{workers}", f"scaling.num_workers={workers}", "train.epochs=2",
+               *frozen, "mlflow.enabled=true", f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=tie-test")
+    result = train(cfg).to_dict()  # what `raytimm train --result-json` writes
+
+    run_dir = tmp_path / "runs" / f"tie{workers}"
+    history = load_meta(result["latest_checkpoint"])["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[0]["val/top1"] == history[1]["val/top1"]  # the tie really happened
+    later = str(run_dir / "checkpoint_000002")
+    assert result["best_checkpoint"] == later and result["best_metrics"]["epoch"] == 2
+    assert load_meta(later)["best_epoch"] == 2
+    assert read_pointer(str(run_dir), "best") == later
+    tags = MlflowClient(mlflow_server).get_run(result["mlflow_run_id"]).data.tags
+    assert tags["raytimm.best_epoch"] == "2" and tags["raytimm.best_checkpoint"] == later
+    progress = json.loads((run_dir / "progress.json").read_text())
+    assert progress["status"] == "finished" and progress["progress"] == 1.0 and progress["epoch"] == 2
+    assert [h["epoch"] for h in progress["history"]] == [1, 2]
+    assert progress["best_epoch"] == 2 and progress["best_checkpoint"] == later
+    assert progress["mlflow_run_id"] == result["mlflow_run_id"] and progress["finished_at"]
+
+
 def test_same_run_name_resumes_then_reports_complete(ray_local, demo_data, tmp_path, capsys):
     from raytimm.ray_train import train
 
@@ -283,10 +318,29 @@ def test_same_run_name_resumes_then_reports_complete(ray_local, demo_data, tmp_p
     assert meta2["epoch"] == 2
     # The resumed run continued the first one's history instead of starting over.
     assert [h["epoch"] for h in meta2["history"]] == [1, 2]
+    progress = json.loads((run_dir / "progress.json").read_text())
+    assert [h["epoch"] for h in progress["history"]] == [1, 2] and progress["status"] == "finished"
     third = train(_cfg(root, tmp_path / "runs", *common, "train.epochs=2"))
     assert third.status == "already_complete"
     assert "already complete" in capsys.readouterr().out
     assert sorted(p.name for p in run_dir.glob("checkpoint_0*") if p.is_dir()) == ["checkpoint_000001", "checkpoint_000002"]
+
+
+def _failing_loop(config):
+    raise ValueError("disk quota exceeded while writing the cache\nsecond line")
+
+
+def test_a_failed_run_says_so_in_progress_json(ray_local, demo_data, tmp_path):
+    from raytimm.errors import RaytimmError
+    from raytimm.ray_train import train
+
+    root, _ = demo_data
+    cfg = _cfg(root, tmp_path / "runs", "run.name=doomed", "scaling.num_workers=1", "run.max_failures=0")
+    with pytest.raises(RaytimmError, match="disk quota exceeded"):
+        train(cfg, train_loop=_failing_loop)
+    progress = json.loads((tmp_path / "runs" / "doomed" / "progress.json").read_text())
+    assert progress["status"] == "failed" and progress["finished_at"] and progress["history"] == []
+    assert progress["message"] == "training run 'doomed' failed: ValueError: disk quota exceeded while writing the cache"
 
 
 def test_workers_that_cannot_fit_a_local_ray_fail_fast_naming_the_key(ray_local, demo_data, tmp_path):

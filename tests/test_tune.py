@@ -93,6 +93,10 @@ def test_every_trial_checkpoints_under_the_tune_folder(sweep):
         assert ckpt.parent == tune_dir / f"trial_{t.trial_id}"
         assert (ckpt / "model.safetensors").is_file() and (ckpt / "meta.json").is_file()
         assert json.loads((ckpt / "meta.json").read_text())["metrics"]["val/loss"] == t.best_metrics["val/loss"]
+        # Each trial folder says how the trial ended, even when ASHA killed its driver mid-run.
+        progress = json.loads((tune_dir / f"trial_{t.trial_id}" / "progress.json").read_text())
+        assert progress["status"] == {"completed": "finished", "stopped": "stopped_early"}[t.status]
+        assert progress["best_checkpoint"] == t.checkpoint and progress["finished_at"]
 
 
 def test_trials_csv_table_and_best_pointer(sweep):

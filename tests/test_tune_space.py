@@ -11,21 +11,16 @@ import yaml
 
 from raytimm.config import Config, load_config
 from raytimm.errors import ConfigError, RaytimmError
-from raytimm.ray_tune import (
+from raytimm.tune_results import TrialSummary, TuneResult, format_table, pick_best, table_csv, trials_table
+from raytimm.tune_space import (
     Dimension,
-    TrialSummary,
-    TuneResult,
     apply_trial_config,
     check_searcher,
     default_tune_name,
     derive_max_concurrent,
-    format_table,
     grid_size,
     parse_search_space,
-    pick_best,
-    table_csv,
     trial_resources,
-    trials_table,
 )
 
 ISSUE_SPACE = yaml.safe_load("""
@@ -39,7 +34,8 @@ def test_parsing_the_search_space_keeps_ray_and_torch_unimported():
     # The CLI checks a sweep's config before paying for Ray's import.
     import subprocess
 
-    code = ("import sys, raytimm.ray_tune as t; from raytimm.config import Config; "
+    code = ("import sys, raytimm.tune_space as t, raytimm.ray_tune, raytimm.tune_results; "
+            "from raytimm.config import Config; "
             "t.parse_search_space({'train.lr': {'uniform': [0.1, 0.2]}}, Config()); "
             "print(sorted(m for m in ('ray', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -223,7 +219,7 @@ def test_optuna_searcher_samples_the_parsed_space_with_dotted_keys():
     pytest.importorskip("optuna")
     from ray.tune.search.optuna import OptunaSearch
 
-    from raytimm.ray_tune import to_param_space
+    from raytimm.tune_space import to_param_space
 
     space = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "train.batch_size": {"quniform": [16, 64, 16]},
              "model.name": {"choice": ["resnet18", "test_vit"]}, "train.epochs": {"randint": [2, 5]}}

@@ -10,7 +10,6 @@ so a failed conversion never leaves a half-written dataset.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from raytimm import cache
 from raytimm.data.folder import (
     IMAGE_EXTENSIONS,
     check_split_ratio,
@@ -526,11 +526,14 @@ def ensure_dice_converted(
     strategy: str = "stratified",
     split_file: str | os.PathLike | None = None,
     seed: int = 42,
+    cache_max_gb: float | None = None,
     log: Log = print,
 ) -> str:
     """Convert a DICE folder into `<cache_root>/dice-<fingerprint>` once per input version; return that root.
 
     Concurrent callers (several workers on one node) serialise on a file lock, and only the first converts.
+    The entry stays in use while this process lives; a new conversion evicts least recently used cache
+    entries beyond ``cache_max_gb`` (data.cache_max_gb; see raytimm.cache).
     """
     input_path = Path(input_dir)
     _check_dice_layout(input_path)  # before fingerprinting: a walk of missing folders would hash to a valid key
@@ -541,16 +544,14 @@ def ensure_dice_converted(
         except OSError:
             raise DataError(f"split file {split_file} cannot be read") from None
     target = Path(cache_root) / f"dice-{dice_fingerprint(input_path, settings)[:24]}"
-    if _is_previous_conversion(target):
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f"{target.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        if _is_previous_conversion(target):
-            log(f"using DICE conversion cached by another worker: {target}")
-            return str(target)
-        log(f"converting DICE export {input_path} into cache {target}")
-        # Hard links save a second copy of the images when the cache is on the same filesystem.
-        convert_dice(input_path, target, split_ratio=split_ratio, strategy=strategy, split_file=split_file,
-                     seed=seed, link=True, log=log)
+    with cache.entry_lock(target):  # released when the block ends, also if this process dies
+        converting = not _is_previous_conversion(target)
+        if converting:
+            log(f"converting DICE export {input_path} into cache {target}")
+            # Hard links save a second copy of the images when the cache is on the same filesystem.
+            convert_dice(input_path, target, split_ratio=split_ratio, strategy=strategy, split_file=split_file,
+                         seed=seed, link=True, log=log)
+        cache.mark_used(target, source=str(input_path))
+    if converting:
+        cache.after_new_entry(target, cache_max_gb)
     return str(target)

@@ -19,12 +19,11 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from raytimm.data.extensions import IMAGE_EXTENSIONS
 from raytimm.data.images import DEFAULT_MAX_PIXELS, check_pixel_limit, decode_image, pillow_errors
 from raytimm.errors import ConfigError, DataError, ImageError
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 # Scans shorter than this don't get a progress bar at all.
 _PROGRESS_MIN_FILES = 500
