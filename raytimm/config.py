@@ -189,9 +189,11 @@ class MlflowSection:
     tracking_uri: Optional[str] = _f(None, "Tracking server URI; default $MLFLOW_TRACKING_URI, else a sqlite store next to the runs.")
     experiment: str = _f("raytimm", "MLflow experiment name.")
     timeout_s: float = _f(10.0, "Per-request timeout; a slow or dead server never stalls training longer than this.")
+    retry_after_s: float = _f(60.0, "After a failed MLflow call, wait this long before trying again; what was missed is sent then.")
 
     def validate(self, p: str) -> None:
         _check(self.timeout_s > 0, f"{p}.timeout_s", self.timeout_s, "> 0")
+        _check(self.retry_after_s >= 0, f"{p}.retry_after_s", self.retry_after_s, ">= 0")
 
 
 @dataclass

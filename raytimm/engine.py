@@ -22,7 +22,6 @@ import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -44,11 +43,6 @@ from raytimm.model import build_model, unwrap_model
 
 log = logging.getLogger(__name__)
 
-# Test-only hook for the fault-tolerance test: when RAYTIMM_TEST_CRASH_AT_EPOCH=N and the file named
-# by RAYTIMM_TEST_CRASH_MARKER does not exist yet, one worker (rank 1, or rank 0 alone) creates the
-# marker and dies with os._exit(1) right after epoch N was reported. Never set these in real runs.
-CRASH_EPOCH_ENV = "RAYTIMM_TEST_CRASH_AT_EPOCH"
-CRASH_MARKER_ENV = "RAYTIMM_TEST_CRASH_MARKER"
 
 ReportFn = Callable[[dict, Optional[str]], None]
 
@@ -71,17 +65,6 @@ class FitResult:
     latest_checkpoint: Optional[str] = None
 
 
-@dataclasses.dataclass
-class EpochInfo:
-    """Passed to ``on_epoch_end`` on every rank after the epoch was reported."""
-
-    epoch: int
-    metrics: dict
-    is_best: bool
-    confusion_matrix: Optional[list[list[int]]]  # None for multi-label runs
-    class_names: list[str]
-    model: Optional[nn.Module] = None  # the validated (and saved) module: the EMA one when EMA is on
-    thresholds: Optional[list[float]] = None  # multi-label: this epoch's per-label thresholds
 
 
 # ------------------------------------------------------------------ small resolvers
@@ -300,20 +283,6 @@ def set_rng_state(state: dict) -> None:
 
 # ------------------------------------------------------------------ loop helpers
 
-def _maybe_crash_for_test(epoch: int) -> None:
-    """Test-only fault injection (see CRASH_EPOCH_ENV); a no-op unless both variables are set."""
-    at, marker = os.environ.get(CRASH_EPOCH_ENV), os.environ.get(CRASH_MARKER_ENV)
-    if not at or not marker or int(at) != epoch or os.path.exists(marker):
-        return
-    world = dist_utils.get_world_size()
-    if dist_utils.get_rank() != (1 if world > 1 else 0):
-        return
-    Path(marker).parent.mkdir(parents=True, exist_ok=True)
-    Path(marker).touch()
-    print(f"[test hook] rank {dist_utils.get_rank()} exits after epoch {epoch}", flush=True)
-    os._exit(1)
-
-
 def _summary_line(epoch: int, epochs: int, m: dict, is_best: bool) -> str:
     if "val/mAP" in m:
         scores = (f"train/loss {m['train/loss']:.4f}  val/loss {m['val/loss']:.4f}  val/mAP {m['val/mAP']:.1f}  "
@@ -372,7 +341,7 @@ class _State:
 def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None,
         prepare_loader: Optional[Callable[[DataLoader], Any]] = None, report: Optional[ReportFn] = None,
         resume_state_dir: Optional[str] = None, device: Optional[torch.device] = None,
-        num_threads: Optional[int] = None, on_epoch_end: Optional[Callable[[EpochInfo], None]] = None) -> FitResult:
+        num_threads: Optional[int] = None) -> FitResult:
     """Train ``cfg`` on this process (one DDP rank when a process group exists) and return the result.
 
     ``report(metrics, checkpoint_dir)`` is called on every rank each epoch, with a checkpoint
@@ -382,7 +351,7 @@ def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None
     and the result names its run folder and checkpoints.
     """
     kwargs = dict(prepare_model=prepare_model, prepare_loader=prepare_loader, resume_state_dir=resume_state_dir,
-                  device=device, num_threads=num_threads, on_epoch_end=on_epoch_end)
+                  device=device, num_threads=num_threads)
     if report is not None:
         return _fit(cfg, report=report, **kwargs)
     if not dist_utils.is_main_process():  # a torchrun group: rank 0 alone publishes
@@ -400,8 +369,7 @@ def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None
                                latest_checkpoint=local.folder.latest_checkpoint)
 
 
-def _fit(cfg, *, report: ReportFn, prepare_model, prepare_loader, resume_state_dir, device, num_threads,
-         on_epoch_end) -> FitResult:
+def _fit(cfg, *, report: ReportFn, prepare_model, prepare_loader, resume_state_dir, device, num_threads) -> FitResult:
     """The loop itself; ``fit`` documents the arguments."""
     from raytimm import checkpoint as ckpt
     from raytimm.config import config_to_dict
@@ -570,10 +538,6 @@ def _fit(cfg, *, report: ReportFn, prepare_model, prepare_loader, resume_state_d
         finally:
             if ckpt_dir:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
-        if on_epoch_end is not None:
-            on_epoch_end(EpochInfo(epoch=epoch, metrics=metrics, is_best=is_best, confusion_matrix=cm,
-                                   class_names=class_names, model=eval_model, thresholds=val.get("thresholds")))
-        _maybe_crash_for_test(epoch)
         if tc.patience and state.epochs_without_improvement >= tc.patience:
             stopped_early = True
             if dist_utils.is_main_process():

@@ -99,13 +99,21 @@ def _fit_worker(rank: int, world: int, port: int, data_root: str, out_dir: str) 
             "run": {"name": "ddp"},
             "mlflow": {"enabled": False},
         })
-        saved = {}
+        # With EMA on, the validated and saved model is the EMA copy: keep a handle on it to compare ranks.
+        import timm.utils
 
-        def on_epoch_end(info):
-            saved["state"] = {k: v.clone() for k, v in info.model.state_dict().items()}
+        emas = []
 
-        result = fit(cfg, num_threads=1, on_epoch_end=on_epoch_end)
-        torch.save({"state": saved["state"], "history": result.history, "cm": result.confusion_matrix,
+        class RecordedEma(timm.utils.ModelEmaV3):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                emas.append(self)
+
+        timm.utils.ModelEmaV3 = RecordedEma  # this spawned process only
+        result = fit(cfg, num_threads=1)
+        (ema,) = emas
+        state = {k: v.clone() for k, v in ema.module.state_dict().items()}
+        torch.save({"state": state, "history": result.history, "cm": result.confusion_matrix,
                     "best_checkpoint": result.best_checkpoint}, os.path.join(out_dir, f"fit{rank}.pt"))
     finally:
         dist.destroy_process_group()
