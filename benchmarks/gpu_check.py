@@ -110,14 +110,17 @@ def train_config(s: dict, data: str, storage: str, name: str, *, workers: int, u
     """The quickstart config with the check's model, sizes, AMP and channels_last; MLflow off."""
     from raytimm.config import load_config
 
-    threads = 1 if not use_gpu else max(1, (os.cpu_count() or 2) // max(1, 2 * workers))
+    # Each worker gets its share of the node's CPUs (else N workers would wait for CPUs Ray cannot give);
+    # its DataLoader workers fit inside that share, and one core is left for the training process itself.
+    share = max(1, (os.cpu_count() or 2) // workers)
+    loader_workers = min(s["loader_workers"], share - 1) if use_gpu else s["loader_workers"]
     return load_config(str(REPO / "configs" / "quickstart.yaml"), [
-        f"data.path={data}", f"data.num_workers={s['loader_workers']}", "data.verify_images=false",
+        f"data.path={data}", f"data.num_workers={loader_workers}", "data.verify_images=false",
         "data.rrc=true", f"model.name={s['model']}", "model.pretrained=false", f"model.img_size={s['img_size']}",
         f"train.epochs={s['epochs']}", f"train.batch_size={s['batch_size']}", "train.warmup_epochs=0",
-        f"train.amp='{s['amp']}'", f"train.channels_last='{s['channels_last']}'", f"train.threads={threads}",
+        f"train.amp='{s['amp']}'", f"train.channels_last='{s['channels_last']}'", "train.threads=1",
         f"scaling.num_workers={workers}", f"scaling.use_gpu={'true' if use_gpu else 'false'}",
-        f"scaling.cpus_per_worker={max(1, s['loader_workers'] + 1) if use_gpu else 1}",
+        f"scaling.cpus_per_worker={loader_workers + 1 if use_gpu else 1}",
         f"storage.path={storage}", f"run.name={name}", "mlflow.enabled=false",
     ])
 
@@ -134,6 +137,7 @@ def plain_loop(cfg, device: torch.device) -> list[float]:
 
     tc, dc = cfg.train, cfg.data
     torch.manual_seed(tc.seed)
+    torch.set_num_threads(tc.threads)  # as engine.fit does with train.threads
     scan = scan_imagefolder(dc.path, split_ratio=dc.split_ratio, seed=dc.split_seed, verify=False)
     model = timm.create_model(cfg.model.name, pretrained=False, num_classes=scan.num_classes)
     data_config = resolve_data_config(model, cfg.model.img_size, use_test_size=False)

@@ -11,13 +11,12 @@ import time
 import pytest
 import requests
 
-from raytimm import checkpoint as ckpt
 from raytimm.errors import ConfigError
 from raytimm.serve.app import build_app, check_backend_installed
 from raytimm.serve.server import shutdown_server, wait_healthy
 from raytimm.serve.settings import QUIET_LOGGING, ServeArgs, settings_from_cli
 from tests.helpers_net import free_port
-from tests.test_predict import CLASSES, color_image, make_trained_checkpoint, png_bytes
+from tests.test_predict import CLASSES, color_image, make_trained_checkpoint, png_bytes, save_upper_case_copy
 
 ROUTES = {"torch": "/torch", "onnx": "/onnx"}
 IMAGES = [(name, seed) for name in CLASSES for seed in (7, 8)]  # a few noisy images of every class
@@ -32,7 +31,7 @@ def _deploy(*apps: tuple) -> None:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """A trained checkpoint, a copy under upper-case names (a reload shows), an export folder; both apps."""
+    """A trained checkpoint, a copy under upper-case names (a reload shows), both apps; the export the onnx app made."""
     import ray
     from ray import serve
 
@@ -40,9 +39,7 @@ def env(tmp_path_factory):
     runs = root / "runs"
     run1 = runs / "run1"
     ckpt1 = make_trained_checkpoint(run1)
-    ckpt2 = str(runs / "run2" / "checkpoint_000002")
-    ckpt.save_checkpoint(ckpt2, model_state=ckpt.load_model_state(ckpt1),
-                         meta={**ckpt.load_meta(ckpt1), "class_names": [c.upper() for c in CLASSES]})
+    ckpt2 = save_upper_case_copy(ckpt1, str(runs / "run2" / "checkpoint_000002"))
     cache = root / "cache"
     old_cache = os.environ.get("RAYTIMM_CACHE_DIR")
     os.environ["RAYTIMM_CACHE_DIR"] = str(cache)  # the replicas' node cache (inherited by Ray)
