@@ -311,7 +311,8 @@ def summary(result: dict) -> str:
             lines.append(f"serve {backend} server: {v['server']}")
     elif serve.get("error"):
         lines.append(f"serve: {serve['error']}")
-    lines.append(f"total {result['seconds']:.0f} s")
+    lines.append(f"total {result['seconds']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in
+                                                           result.get("section_seconds", {}).items()) + ")")
     return "\n".join(lines)
 
 
@@ -332,17 +333,20 @@ def main(argv=None) -> int:
     steps = {"env": lambda work: env_info(), "tests": lambda work: run_gpu_tests(a.dry_run),
              "train": lambda work: train_section(s, a.dry_run, work),
              "serve": lambda work: serve_section(s, a.dry_run, work)}
+    result["section_seconds"] = {}
     with tempfile.TemporaryDirectory(prefix="raytimm-gpucheck-") as work:
         for name in SECTIONS:
             if name in a.skip:
                 result[name] = {"skipped": "--skip"}
                 continue
-            print(f"== {name}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+            started = time.perf_counter()
+            print(f"== {name}  ({started - t0:.0f} s)", flush=True)
             try:
                 result[name] = steps[name](work)
             except Exception as exc:  # noqa: BLE001 - one failed step must not lose the others' figures
                 traceback.print_exc()
                 result[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            result["section_seconds"][name] = round(time.perf_counter() - started, 1)
             Path(a.json).write_text(json.dumps(result, indent=2, default=str))  # partial results survive a kill
     result["seconds"] = time.perf_counter() - t0
     result["load_end"] = loadavg()
