@@ -227,3 +227,12 @@ def test_status_prints_a_summary_or_the_json_and_names_a_missing_file(tmp_path, 
     assert main(["status", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(tmp_path / "nothing" / "progress.json") in err
+
+
+def test_status_lines_show_balanced_accuracy_and_multi_label_metrics():
+    single = runs.format_progress({"run_name": "r", "status": "running", "epoch": 1, "epochs": 2,
+                                   "metrics": {"val/top1": 90.0, "val/balanced_acc": 61.5, "val/loss": 0.3}})
+    assert "val/balanced_acc 61.5" in single and "val/top1 90" in single
+    multi = runs.format_progress({"run_name": "r", "status": "running", "epoch": 1, "epochs": 2,
+                                  "metrics": {"val/mAP": 88.25, "val/f1_micro": 70.0, "val/f1_macro": 65.0}})
+    assert "val/mAP 88.25" in multi and "val/f1_micro 70" in multi and "val/f1_macro 65" in multi
