@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from raytimm import __version__
+from raytimm.data.extensions import IMAGE_EXTENSIONS
 from raytimm.errors import RaytimmError
 
 EPILOG_OVERRIDES = """\
@@ -137,6 +138,20 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     for name, acc in out["per_class"].items():
         print(f"  {name:<24} {acc:6.2f}")
     _write_json(a.result_json, {k: out[k] for k in ("top1", "top5", "loss", "num_samples", "per_class")})
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from raytimm.batch_predict import format_summary, parse_concurrency, predict_to_output
+
+    summary = predict_to_output(a.checkpoint, a.input, a.output, fmt=a.format, top_k=a.top_k,
+                                batch_size=a.batch_size, concurrency=parse_concurrency(a.concurrency),
+                                num_gpus=a.num_gpus, cpus_per_actor=a.cpus_per_actor, decode_cpus=a.decode_cpus,
+                                shard_size=a.shard_size,
+                                backend=a.backend, model_name=a.model_name, num_classes=a.num_classes,
+                                max_file_mb=a.max_file_mb)
+    print(format_summary(summary))
+    _write_json(a.result_json, summary)
     return 0
 
 
@@ -358,6 +373,61 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference backend (default torch); onnx exports the checkpoint once into the node cache "
                         "unless it is an export folder already (needs raytimm[onnx])")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("predict", help="label a folder, bucket prefix or list of images with Ray Data",
+                       formatter_class=fmt, description=textwrap.dedent("""\
+                           Batch prediction on Ray Data: list the inputs, read + decode + apply the checkpoint's
+                           eval transform in CPU tasks (the same decoder and transform as evaluate and serve),
+                           run the model in a pool of --concurrency actors (--num-gpus each), and write one
+                           row per image: path, predicted_class, confidence, top_k_classes, top_k_confidences,
+                           error. A file that cannot be read or decoded becomes a row with its error.
+
+                           Resuming: the sorted inputs are cut into shards of --shard-size images; each shard
+                           is written as one part-<n>-<hash>.<format> file, which appears only when complete
+                           (renamed into place locally, one upload in a bucket). Rerunning the same command
+                           after a crash skips the shards whose file exists; no row is written twice.
+                           Joins the Ray cluster in RAY_ADDRESS (e.g. under `ray job submit`), else starts a
+                           local Ray."""),
+                       epilog=textwrap.dedent("""\
+                           examples:
+                             raytimm predict --checkpoint runs/quickstart --input data/demo/val --output preds/
+                             raytimm predict --checkpoint r2://models/run1 --input r2://photos/2026/ \\
+                                 --output r2://photos-labels/2026/ --concurrency 2,8 --num-gpus 1 --format parquet
+                           """))
+    s.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder, run or tune folder (its best checkpoint), legacy .pt (with --model-name "
+                        "and --num-classes) or an ONNX export folder (with --backend onnx); local, s3:// or r2://")
+    s.add_argument("--input", required=True, metavar="DIR|URI|LIST",
+                   help="folder or s3:// / r2:// prefix, scanned recursively for images "
+                        f"({' '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}), or a .txt file listing one path "
+                        "or URI a line (relative paths are relative to the list file)")
+    s.add_argument("--output", required=True, metavar="DIR|URI", help="folder or bucket prefix for the part files")
+    s.add_argument("--format", choices=["parquet", "csv", "jsonl"], default="parquet",
+                   help="output format (default parquet; csv holds the top-k lists as JSON arrays)")
+    s.add_argument("--top-k", type=int, default=5, help="classes per row in top_k_* (default 5)")
+    s.add_argument("--batch-size", type=int, default=64, help="images per decode task batch and model call (default 64)")
+    s.add_argument("--concurrency", default="1", metavar="N|MIN,MAX",
+                   help="model actors: a fixed N or an autoscaling MIN,MAX range (default 1)")
+    s.add_argument("--num-gpus", type=float, default=0.0,
+                   help="GPUs per model actor: 0 (CPU), 1, or a fraction such as 0.5 (default 0); on GPU the "
+                        "model runs in half precision and channels_last")
+    s.add_argument("--cpus-per-actor", type=float, default=1.0,
+                   help="CPUs reserved by each model actor; on CPU also its torch threads (default 1). "
+                        "Decoding runs in separate tasks on the remaining CPUs")
+    s.add_argument("--decode-cpus", type=float, default=1.0,
+                   help="CPUs reserved by each read+decode task (default 1); a fraction lets decoding share "
+                        "cores with CPU model actors, e.g. --cpus-per-actor 1.5 --decode-cpus 0.5 on 2 cores")
+    s.add_argument("--shard-size", type=int, default=1000,
+                   help="images per output part file, the unit of resuming (default 1000)")
+    s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="inference backend (default torch); onnx exports the checkpoint once into each node's "
+                        "cache unless it is an export folder already (needs raytimm[onnx])")
+    s.add_argument("--max-file-mb", type=float, default=100.0,
+                   help="files larger than this become error rows without being read (default 100)")
+    s.add_argument("--result-json", help="write the counts, output URI and images/s here")
+    s.add_argument("--model-name", help="timm model name (legacy .pt checkpoints only)")
+    s.add_argument("--num-classes", type=int, help="number of classes (legacy .pt checkpoints only)")
+    s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("export", help="export a checkpoint to ONNX, checked against PyTorch", formatter_class=fmt,
                        description=textwrap.dedent("""\
