@@ -212,6 +212,8 @@ class ModelActor:
                                       pa.list_(pa.string())),
             "top_k_confidences": pa.array([[float(p["confidence"]) for p in t] if t else None for t in top],
                                           pa.list_(pa.float64())),
+            "labels": pa.array([[p["class_name"] for p in r["labels"]] if r and "labels" in r else None
+                                for r in results], pa.list_(pa.string())),
             "error": pa.array(errors, pa.string()),
         })
 

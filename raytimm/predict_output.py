@@ -28,7 +28,8 @@ from raytimm import storage
 from raytimm.errors import ConfigError, DataError
 
 FORMATS = ("parquet", "csv", "jsonl")
-COLUMNS = ("path", "predicted_class", "confidence", "top_k_classes", "top_k_confidences", "error")
+# labels: a multi-label model's labels at their thresholds (by score); null for a single-label model.
+COLUMNS = ("path", "predicted_class", "confidence", "top_k_classes", "top_k_confidences", "labels", "error")
 PART_RE = re.compile(r"^part-(\d{5,})-([0-9a-f]{12})\.(parquet|csv|jsonl)$")
 DEFAULT_SHARD_SIZE = 1000
 
@@ -98,7 +99,7 @@ def encode_rows(rows: Sequence[dict], fmt: str) -> bytes:
 
         schema = pa.schema([("path", pa.string()), ("predicted_class", pa.string()), ("confidence", pa.float64()),
                             ("top_k_classes", pa.list_(pa.string())), ("top_k_confidences", pa.list_(pa.float64())),
-                            ("error", pa.string())])
+                            ("labels", pa.list_(pa.string())), ("error", pa.string())])
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=schema), buf)
         return buf.getvalue()
@@ -139,6 +140,7 @@ def decode_part(data: bytes, fmt: str) -> list[dict]:
             "confidence": float(r["confidence"]) if r["confidence"] else None,
             "top_k_classes": json.loads(r["top_k_classes"]) if r["top_k_classes"] else None,
             "top_k_confidences": json.loads(r["top_k_confidences"]) if r["top_k_confidences"] else None,
+            "labels": json.loads(r["labels"]) if r["labels"] else None,
             "error": r["error"],
         })
     return rows

@@ -2,7 +2,9 @@
 threshold, both backends (torch and ONNX Runtime) answering alike; the threshold field's parsing."""
 import copy
 import math
+import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -144,3 +146,22 @@ def test_threshold_form_field_parsing():
         with pytest.raises(HTTPError) as e:
             parse_threshold({"threshold": bad})
         assert e.value.status == 422 and "threshold must be a number between 0 and 1" in e.value.detail
+
+
+def test_batch_predict_stages_write_the_predictors_label_sets(ml):
+    """raytimm predict's two Ray Data stages (decode, model actor), called in-process on a multi-label checkpoint:
+    each row's `labels` column is the Predictor's label set at the stored thresholds; a bad file stays an error row."""
+    from raytimm.batch_predict import ModelActor, decode_batch
+
+    pred = Predictor.from_checkpoint(ml["run"], device="cpu")
+    uris = list(ml["files"]) + [ml["files"][0] + ".missing"]
+    batch = {"index": np.arange(len(uris)), "path": np.asarray(uris, dtype=object), "uri": np.asarray(uris, dtype=object),
+             "size": np.asarray([os.path.getsize(u) if os.path.exists(u) else 0 for u in uris])}
+    decoded = decode_batch(batch, data_config=pred.data_config, max_pixels=None, max_bytes=1 << 20)
+    actor = ModelActor(ml["run"], backend="torch", top_k=2, device="cpu", num_threads=1, model_name=None,
+                       num_classes=None, class_names=None)
+    table = actor(decoded).to_pylist()
+    expected = pred.predict(ml["files"], top_k=2)
+    assert [r["labels"] for r in table[:-1]] == [[p["class_name"] for p in e["labels"]] for e in expected]
+    assert [r["predicted_class"] for r in table[:-1]] == [e["predicted_class"] for e in expected]
+    assert table[-1]["labels"] is None and table[-1]["error"]

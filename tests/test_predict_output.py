@@ -18,6 +18,8 @@ ROWS = [
      "top_k_confidences": None, "error": "s3://b/x/2.jpg: not an image"},
     {"index": 0, "path": "s3://b/x/1,\"odd\".jpg", "predicted_class": "red", "confidence": 0.123456789012345,
      "top_k_classes": ["red", "blue"], "top_k_confidences": [0.123456789012345, 0.1], "error": ""},
+    {"index": 2, "path": "x/3.jpg", "predicted_class": "cat", "confidence": 0.9, "top_k_classes": ["cat", "indoor"],
+     "top_k_confidences": [0.9, 0.7], "labels": ["cat", "indoor"], "error": ""},  # a multi-label model's row
 ]
 
 
@@ -53,7 +55,7 @@ def test_pending_skips_committed_and_refuses_parts_of_another_listing(tmp_path):
 @pytest.mark.parametrize("fmt", out.FORMATS)
 def test_formats_round_trip(fmt):
     rows = out.sort_rows([dict(r) for r in ROWS])
-    assert [r["path"] for r in rows] == ["s3://b/x/1,\"odd\".jpg", "s3://b/x/2.jpg"]  # input order
+    assert [r["path"] for r in rows] == ["s3://b/x/1,\"odd\".jpg", "s3://b/x/2.jpg", "x/3.jpg"]  # input order
     assert list(rows[0]) == list(out.COLUMNS)
     back = out.decode_part(out.encode_rows(rows, fmt), fmt)
     assert back == rows
