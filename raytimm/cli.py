@@ -89,7 +89,8 @@ def cmd_dataset_report(a: argparse.Namespace) -> int:
 
 
 def _load_cfg(a: argparse.Namespace):
-    from raytimm.config import load_config, load_training_request
+    from raytimm.config import load_config
+    from raytimm.platform_request import load_training_request
 
     if a.request:
         return load_training_request(a.request, a.overrides, base_config=a.config)

@@ -387,7 +387,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _closest(key: str, candidates: list[str]) -> str:
+def closest_hint(key: str, candidates: list[str]) -> str:
+    """` (did you mean 'x'?)` for the candidate closest to a mistyped key, or ""."""
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     if not close:
         # Also try the last segment alone, so `train.learning_rate` finds `train.lr` style typos.
@@ -426,7 +427,7 @@ def config_from_dict(d: dict | None, *, source: str = "config") -> Config:
     sections = {f.name for f in dataclasses.fields(Config)}
     for sec_name, sec_val in d.items():
         if sec_name not in sections:
-            raise ConfigError(f"{source}: unknown section {sec_name!r}{_closest(str(sec_name), sorted(sections))}")
+            raise ConfigError(f"{source}: unknown section {sec_name!r}{closest_hint(str(sec_name), sorted(sections))}")
         if sec_val is None:
             continue
         if not isinstance(sec_val, dict):
@@ -444,7 +445,7 @@ def _set(cfg: Config, key: str, value: Any, *, source: str) -> None:
     parts = key.split(".")
     keys = valid_keys()
     if len(parts) != 2 or key not in keys:
-        raise ConfigError(f"{source}: unknown key {key!r}{_closest(key, keys)}")
+        raise ConfigError(f"{source}: unknown key {key!r}{closest_hint(key, keys)}")
     section = getattr(cfg, parts[0])
     tp = typing.get_type_hints(type(section))[parts[1]]
     setattr(section, parts[1], _coerce(value, tp, key))
@@ -470,7 +471,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
         key, value = parse_override(item)
         sec, _, name = key.partition(".")
         if not name:
-            raise ConfigError(f"override {item!r}: unknown key {key!r}{_closest(key, valid_keys())}")
+            raise ConfigError(f"override {item!r}: unknown key {key!r}{closest_hint(key, valid_keys())}")
         d.setdefault(sec, {})[name] = value
     return config_from_dict(d, source="override")
 
@@ -480,12 +481,12 @@ def set_dotted(cfg: Config, key: str, value: Any) -> Config:
     d = config_to_dict(cfg)
     sec, _, name = key.partition(".")
     if sec not in d or not name:
-        raise ConfigError(f"unknown key {key!r}{_closest(key, valid_keys())}")
+        raise ConfigError(f"unknown key {key!r}{closest_hint(key, valid_keys())}")
     d[sec][name] = value
     return config_from_dict(d, source=f"key {key}")
 
 
-def _read_text(path: str, what: str) -> str:
+def read_text(path: str, what: str) -> str:
     """A config or request file's text: a local path, or an s3:// / r2:// URI (how the training API's jobs
     read theirs); ConfigError naming it when it is missing or not UTF-8."""
     from raytimm import storage  # stdlib-only at import; boto3 loads on first remote use
@@ -508,7 +509,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     if path is not None:
         p = str(path)
         try:
-            d = yaml.safe_load(_read_text(p, "config file")) or {}
+            d = yaml.safe_load(read_text(p, "config file")) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
@@ -542,71 +543,3 @@ def flatten_config(cfg: Config) -> dict[str, Any]:
 def dump_yaml(cfg: Config) -> str:
     """The resolved config as YAML text (logged as an MLflow artifact)."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
-
-
-# ---------------------------------------------------------------- platform request
-
-REQUEST_FIELDS = {
-    "training_job_id", "project_id", "framework", "model_name", "num_classes", "dataset_path",
-    "dataset_format", "epochs", "batch_size", "learning_rate", "checkpoint_path", "img_size",
-}
-_REQUIRED = ("training_job_id", "project_id", "model_name", "dataset_path")
-
-
-def request_to_config(req: dict, *, source: str = "request", base: Config | None = None) -> Config:
-    """Map the platform's TrainingRequest JSON onto a Config."""
-    if not isinstance(req, dict):
-        raise ConfigError(f"{source}: expected a JSON object")
-    unknown = sorted(set(req) - REQUEST_FIELDS)
-    if unknown:
-        k = unknown[0]
-        raise ConfigError(f"{source}: unknown field {k!r}{_closest(k, sorted(REQUEST_FIELDS))}")
-    for k in _REQUIRED:
-        if req.get(k) in (None, ""):
-            raise ConfigError(f"{source}: missing required field {k!r}")
-    framework = req.get("framework", "timm")
-    if framework != "timm":
-        raise ConfigError(f"{source}: framework={framework!r} is not supported: raytimm trains 'timm' models only")
-    fmt = str(req.get("dataset_format") or "imagefolder").lower()
-    if fmt not in ("imagefolder", "dice"):
-        raise ConfigError(f"{source}: dataset_format={fmt!r} is not allowed: expected 'imagefolder' or 'dice'")
-    d = config_to_dict(base or Config())
-    d["run"]["name"] = f"job_{req['training_job_id']}"
-    d["mlflow"]["experiment"] = f"project_{req['project_id']}"
-    d["model"]["name"] = req["model_name"]
-    d["data"]["path"] = req["dataset_path"]
-    d["data"]["format"] = fmt
-    mapping = {
-        "num_classes": ("model", "num_classes"),
-        "img_size": ("model", "img_size"),
-        "epochs": ("train", "epochs"),
-        "batch_size": ("train", "batch_size"),
-        "learning_rate": ("train", "lr"),
-        "checkpoint_path": ("model", "init_checkpoint"),
-    }
-    for rk, (sec, name) in mapping.items():
-        if req.get(rk) is not None:
-            d[sec][name] = req[rk]
-    try:
-        return config_from_dict(d, source=source)
-    except ConfigError as e:
-        # Name the request field rather than the internal key, since that is what the caller sent.
-        msg = str(e)
-        for rk, (sec, name) in mapping.items():
-            msg = msg.replace(f"{sec}.{name}=", f"{rk}=")
-        raise ConfigError(msg) from None
-
-
-def load_training_request(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
-                          base_config: str | None = None) -> Config:
-    """Load the platform's TrainingRequest JSON file as a Config."""
-    p = str(path)
-    try:
-        req = json.loads(_read_text(p, "request file"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"request file {p!r}: invalid JSON ({e})") from None
-    base = load_config(base_config) if base_config else None
-    cfg = request_to_config(req, source=p, base=base)
-    if overrides:
-        cfg = apply_overrides(cfg, overrides)
-    return cfg

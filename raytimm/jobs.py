@@ -6,7 +6,7 @@ request may ask for, what the job runs, where its records live and what the plat
 - ``prepare``: the platform's TrainingRequest JSON, checked strictly (unknown fields, wrong JSON types,
   ``framework`` other than ``timm`` -> 422 naming the field; ``dataset_path``/``checkpoint_path``
   outside the allowed prefixes -> 403, before anything is read), mapped onto a Config with
-  ``config.request_to_config`` (the same mapping as ``raytimm train --request``).
+  ``platform_request.request_to_config`` (the same mapping as ``raytimm train --request``).
 - ``entrypoint``: the job's command line, built only from server values (its Python, a server-made
   config file URI); nothing from the request ever reaches a shell.
 - ``JobRegistry``: ``<runs storage>/.training-api/`` holds one JSON record per training job (its request
@@ -26,8 +26,9 @@ from typing import Any, Mapping, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from raytimm import runs, storage
-from raytimm.config import Config, config_from_dict, config_to_dict, request_to_config
+from raytimm.config import Config, config_from_dict, config_to_dict
 from raytimm.errors import ConfigError
+from raytimm.platform_request import request_to_config
 from raytimm.serve.http import HTTPError, check_pretrained_name
 from raytimm.serve.paths import check_checkpoint_path, check_resolved_path
 from raytimm.serve.settings import config_error

@@ -11,9 +11,10 @@ import yaml
 
 from raytimm.config import (
     Config, apply_overrides, config_from_dict, config_to_dict, field_docs, flatten_config, load_config,
-    load_training_request, request_to_config, set_dotted, valid_keys,
+    set_dotted, valid_keys,
 )
 from raytimm.errors import ConfigError
+from raytimm.platform_request import load_training_request, request_to_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(glob.glob(str(ROOT / "configs" / "**" / "*.yaml"), recursive=True))

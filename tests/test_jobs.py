@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from raytimm import jobs, runs
-from raytimm.config import REQUEST_FIELDS, load_config, load_training_request
+from raytimm.config import load_config
 from raytimm.errors import ConfigError
+from raytimm.platform_request import REQUEST_FIELDS, load_training_request
 from raytimm.serve import page
 from raytimm.serve.http import HTTPError
 from raytimm.serve.settings import ServeArgs, ServeSettings, check_training_api, is_loopback, settings_from_cli
