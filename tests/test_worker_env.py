@@ -28,20 +28,25 @@ def _env_loop(out_path: str):
 def test_training_worker_on_a_joined_cluster_sees_every_forwarded_variable(tmp_path, tmp_path_factory, monkeypatch):
     from raytimm.config import load_config
     from raytimm.data.demo import make_demo_dataset
-    from raytimm.envvars import FORWARDED_ENV
+    from raytimm.envvars import FORWARDED_ENV, STORAGE_ENDPOINT_ENV, STORAGE_REGION_ENV
     from raytimm.ray_train import train
 
     # Distinct values, so an inherited default could not pass for a forwarded one.
     booleans = {"TQDM_DISABLE": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     expected = {name: booleans.get(name, f"http://127.0.0.1:9/raytimm-test/{name.lower()}") for name in FORWARDED_ENV}
+    # The storage pair is not read from the caller's environment: train() sets it from the config's
+    # storage.endpoint_url/region (storage.configure), so it is given there and must arrive as given.
+    from_config = {STORAGE_ENDPOINT_ENV: "storage.endpoint_url", STORAGE_REGION_ENV: "storage.region"}
     for name, value in expected.items():
-        monkeypatch.setenv(name, value)
+        if name not in from_config:
+            monkeypatch.setenv(name, value)
     assert "AWS_ENDPOINT_URL_S3" in expected
 
     data = make_demo_dataset(str(tmp_path / "data"), classes=2, per_class=8, size=32, seed=0)
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml", [
         f"data.path={data}", f"storage.path={tmp_path / 'runs'}", "run.name=env", "scaling.num_workers=1",
-        "mlflow.enabled=false", "run.max_failures=0"])
+        "mlflow.enabled=false", "run.max_failures=0",
+        *(f"{key}={expected[name]}" for name, key in from_config.items())])
     out = tmp_path / "worker-env.json"
     # A short temp path: Ray's socket paths under it must stay within the OS limit.
     with ray_head(1, tmp_path_factory.mktemp("ray"), unset_env=FORWARDED_ENV):
