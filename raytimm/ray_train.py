@@ -30,7 +30,7 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 from raytimm import runs, storage  # noqa: E402
 from raytimm.envvars import forwarded_env  # noqa: E402
 from raytimm.config import Config, config_from_dict, config_to_dict, dump_yaml, flatten_config  # noqa: E402
-from raytimm.errors import CheckpointError, RaytimmError  # noqa: E402
+from raytimm.errors import CheckpointError, RaytimmError, StorageError  # noqa: E402
 
 log = logging.getLogger("raytimm.train")
 
@@ -124,10 +124,7 @@ def train_loop_per_worker(config: dict) -> None:
                          checkpoint_upload_fn=upload_fn if ckpt else None)
 
     with tempfile.TemporaryDirectory(prefix="raytimm-resume-") as tmp:
-        resume_dir = None
-        latest = ray.train.get_checkpoint()
-        if latest is not None:
-            resume_dir = latest.to_directory(os.path.join(tmp, "ckpt"))
+        resume_dir, resume_uri = _resume_checkpoint(run_dir, cfg.storage.path, os.path.join(tmp, "ckpt"))
         try:
             engine.fit(
                 cfg,
@@ -141,9 +138,28 @@ def train_loop_per_worker(config: dict) -> None:
         except CheckpointError as e:
             # Name the checkpoint the user can find, not this worker's temporary copy of it.
             if resume_dir and resume_dir in str(e):
-                scheme = storage.parse_uri(cfg.storage.path).scheme
-                raise CheckpointError(str(e).replace(resume_dir, checkpoint_uri(latest.path, scheme))) from None
+                raise CheckpointError(str(e).replace(resume_dir, resume_uri)) from None
             raise
+
+
+def _resume_checkpoint(run_dir: str, storage_path: str, dest: str) -> tuple[Optional[str], Optional[str]]:
+    """(local folder, URI) of the checkpoint to resume from, or (None, None) for a fresh start.
+
+    Ray's latest, unless the run folder holds a newer complete checkpoint: Ray records checkpoints in
+    its own file (checkpoint_manager_snapshot.json, written by the controller after each report), and a
+    bucket outage can fail that write after the checkpoint itself was uploaded. The folder is the truth
+    (runs.py), so a rerun resumes from its newest complete checkpoint and never trains it again.
+    """
+    latest = ray.train.get_checkpoint()
+    ray_epoch = runs.checkpoint_epoch(latest.path) if latest is not None else None
+    newest = runs.newest_complete(run_dir)
+    if newest is not None and (ray_epoch is None or newest[1] > ray_epoch):
+        log.warning("resuming from %s: Ray Train's own record %s", newest[0],
+                    f"ends at epoch {ray_epoch}" if ray_epoch is not None else "has no checkpoint")
+        return storage.download(newest[0], dest), newest[0]
+    if latest is not None:
+        return latest.to_directory(dest), checkpoint_uri(latest.path, storage.parse_uri(storage_path).scheme)
+    return None, None
 
 
 def _bucket_upload_fn(run_dir: str):
@@ -377,7 +393,13 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
     if error is not None:
         if logger is not None:
             logger.finish("FAILED")
-        _mark_failed(folder, f"training run {run_name!r} failed: {_failure_line(error)}")
+        # A bucket outage that outlasted the retries (a worker's upload, or Ray's own files written by
+        # the controller with pyarrow): one line naming the URI; rerunning the command resumes.
+        failed_storage = _storage_failure(_first_failure(error), scheme)
+        line = f"StorageError: {failed_storage}" if failed_storage is not None else _failure_line(error)
+        _mark_failed(folder, f"training run {run_name!r} failed: {line}")
+        if failed_storage is not None:
+            raise failed_storage from None
         raise RaytimmError(message) from None
     folder.reload()  # the controller's callback published every epoch since start()
 
@@ -402,13 +424,28 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
     return out
 
 
-def _failure_line(error: BaseException) -> str:
-    """What went wrong in one line: the first failed worker's own error, not Ray's multi-line wrapper."""
+def _first_failure(error: BaseException) -> BaseException:
+    """The first failed worker's own error, or the controller's, not Ray's multi-line wrapper."""
     failures = getattr(error, "worker_failures", None) or {}
     if failures:
-        error = failures[min(failures)]
-    else:
-        error = getattr(error, "controller_failure", None) or error
+        return failures[min(failures)]
+    return getattr(error, "controller_failure", None) or error
+
+
+def _storage_failure(error: BaseException, scheme: str) -> Optional[StorageError]:
+    """``error`` as a StorageError naming the URI when it is one (or pyarrow's S3 error), else None."""
+    if isinstance(error, StorageError):
+        return error
+    if scheme not in ("s3", "r2"):
+        return None
+    from raytimm.storage.arrowfs import arrow_storage_error
+
+    return arrow_storage_error(error, scheme)
+
+
+def _failure_line(error: BaseException) -> str:
+    """What went wrong in one line: the first failed worker's own error, not Ray's multi-line wrapper."""
+    error = _first_failure(error)
     return f"{type(error).__name__}: {runs.error_line(error)}"
 
 
