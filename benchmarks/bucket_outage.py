@@ -3,6 +3,7 @@
 
     python benchmarks/bucket_outage.py              # both parts
     python benchmarks/bucket_outage.py --skip-train # only the retry timings (no Ray; about 2-3 minutes)
+    python benchmarks/bucket_outage.py --skip-retries # only the training run
 
 Part 1, retry timings (moto's S3 server behind tests/fixtures/outage.py's proxy, in this process):
 - a storage call during a 10 s cut (started right after the cut): rides it out, and how long it took;
@@ -107,8 +108,13 @@ def training_run() -> None:
         got = json.loads(report.read_text())
     print(f"part 2: `raytimm train` (2 workers, 2 epochs), {got['outage_s']} s cut during the first checkpoint "
           f"upload: {got['with_outage_s']:.1f} s; the same run without a cut: {got['without_s']:.1f} s; "
-          f"ratio {got['with_outage_s'] / got['without_s']:.2f}x, difference {got['with_outage_s'] - got['without_s']:.1f} s",
+          f"ratio {got['with_outage_s'] / got['without_s']:.2f}x, "
+          f"difference {got['with_outage_s'] - got['without_s']:.1f} s",
           flush=True)
+    print(f"  cut {got['cut_after_s']:.1f} s after the command started; `latest` first seen naming "
+          + ", ".join(f"{k} at {v:.1f} s" for k, v in sorted(got["latest_seen_after_s"].items()))
+          + "; without a cut: " + ", ".join(f"{k} at {v:.1f} s" for k, v in
+                                           sorted(got["baseline_latest_seen_after_s"].items())), flush=True)
 
 
 def main() -> None:
@@ -116,9 +122,11 @@ def main() -> None:
     p.add_argument("--outage-s", type=float, default=10.0, help="length of the short outage in part 1")
     p.add_argument("--request-repeats", type=int, default=5, help="failures timed with a request's budget")
     p.add_argument("--skip-train", action="store_true", help="only part 1")
+    p.add_argument("--skip-retries", action="store_true", help="only part 2")
     a = p.parse_args()
     print(f"load average at start: {load_average()}", flush=True)
-    retry_timings(a.outage_s, a.request_repeats)
+    if not a.skip_retries:
+        retry_timings(a.outage_s, a.request_repeats)
     if not a.skip_train:
         training_run()
     print(f"load average at end: {load_average()}", flush=True)

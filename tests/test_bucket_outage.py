@@ -185,7 +185,7 @@ def _epoch_lines(output: str) -> list[int]:
     return out
 
 
-def _run_train(e: Env, cmd: list[str], env: dict, timeout: int = 300) -> tuple[subprocess.CompletedProcess, float]:
+def _run_train(e: Env, cmd: list[str], env: dict, timeout: int = 600) -> tuple[subprocess.CompletedProcess, float]:
     start = time.monotonic()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return r, time.monotonic() - start

@@ -43,9 +43,9 @@ from raytimm.storage.uri import SCHEMES, StorageURI, is_remote, join, local_path
 
 __all__ = [
     "CONNECT_TIMEOUT_S", "DEFAULT_PART_SIZE", "MAX_ATTEMPTS", "MIN_PART_SIZE", "PREFLIGHT_WANTS",
-    "PROBE_MAX_ATTEMPTS", "PYARROW_MAX_ATTEMPTS", "READ_TIMEOUT_S", "REQUEST_MAX_ATTEMPTS", "RETRY_MODE", "SCHEMES", "ObjectInfo",
-    "StageResult", "StorageURI", "cache_dir_name", "client_config", "configure", "delete", "download",
+    "PROBE_MAX_ATTEMPTS", "PYARROW_MAX_ATTEMPTS", "READ_TIMEOUT_S", "REQUEST_MAX_ATTEMPTS", "RETRY_MODE", "SCHEMES",
+    "ObjectInfo", "StageResult", "StorageURI", "cache_dir_name", "client_config", "configure", "delete", "download",
     "endpoint_for", "exists", "get_filesystem", "is_remote", "join", "list_files", "local_path", "normalize",
-    "parse_uri", "preflight", "read_bytes", "read_text", "retry_budget", "s3_client", "stage", "stage_prefix", "upload",
-    "write_bytes", "write_text",
+    "parse_uri", "preflight", "read_bytes", "read_text", "retry_budget", "s3_client", "stage", "stage_prefix",
+    "upload", "write_bytes", "write_text",
 ]
