@@ -236,7 +236,6 @@ def test_training_rides_out_a_10s_outage_during_a_checkpoint_upload(rode_out, en
         assert _pointer_target(e, run, raw) in {f"runs/{run}/{c}" for c in checkpoints}
     assert watch.seen["latest"], "the watcher never saw a pointer: it checked nothing"
     assert watch.bad == []
-    print(r.stdout + r.stderr)
 
 
 # ----------------------------------------------------------------------------- (c) Serve during an outage
