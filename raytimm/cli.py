@@ -12,7 +12,7 @@ import os
 import sys
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from raytimm import __version__
 from raytimm.errors import RaytimmError
@@ -39,8 +39,22 @@ def _write_json(path: str | None, payload: dict) -> None:
 # ------------------------------------------------------------------ subcommands
 
 def cmd_demo_data(a: argparse.Namespace) -> int:
-    from raytimm.data.demo import make_demo_dataset, make_demo_dice
+    from raytimm.data.demo import make_demo_dataset, make_demo_dice, make_demo_multilabel
 
+    if a.multi_label:
+        fmt = a.format or "manifest"
+        if fmt == "imagefolder":
+            raise RaytimmError("--multi-label writes --format manifest (default) or dice: class folders cannot "
+                               "hold a set of labels per image")
+        images = a.classes * a.per_class
+        path = make_demo_multilabel(a.output, classes=a.classes, images=images, size=a.size or 64, seed=a.seed,
+                                    format=fmt)
+        print(f"wrote multi-label demo dataset ({fmt}, {a.classes} labels, {images} images with 1-3 shapes, "
+              f"{a.size or 64}px): {path}")
+        return 0
+    a.format, a.size = a.format or "imagefolder", a.size or 48
+    if a.format == "manifest":
+        raise RaytimmError("--format manifest is for the multi-label demo: add --multi-label")
     if a.format == "dice":
         root = make_demo_dice(a.output, classes=a.classes, per_class=a.per_class, size=a.size, seed=a.seed)
     else:
@@ -54,14 +68,21 @@ def cmd_convert_dice(a: argparse.Namespace) -> int:
 
     # convert_dice prints one warning per skipped entry and the summary itself.
     convert_dice(a.input, a.output, split_ratio=a.split_ratio, strategy=a.strategy,
-                 split_file=a.split_file, seed=a.seed, link=a.link)
+                 split_file=a.split_file, seed=a.seed, link=a.link, multi_label=a.multi_label)
     return 0
 
 
 def cmd_dataset_report(a: argparse.Namespace) -> int:
     from raytimm.data.folder import format_report, scan_imagefolder
+    from raytimm.data.manifest import is_manifest, scan_manifest
 
-    scan = scan_imagefolder(a.data, split_ratio=a.split_ratio, seed=a.seed)
+    if is_manifest(a.data):
+        scan = scan_manifest(a.data, multi_label=a.multi_label, split_ratio=a.split_ratio, seed=a.seed)
+    elif a.multi_label:
+        raise RaytimmError(f"--multi-label needs a manifest .csv as --data (got {a.data}); "
+                           "`raytimm convert dice --multi-label` writes one from a DICE export")
+    else:
+        scan = scan_imagefolder(a.data, split_ratio=a.split_ratio, seed=a.seed)
     print(format_report(scan))
     return 0
 
@@ -104,6 +125,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     out = evaluate_checkpoint(a.checkpoint, a.data, split=a.split, batch_size=a.batch_size,
                               predictions_csv=a.predictions, model_name=a.model_name,
                               num_classes=a.num_classes, backend=a.backend)
+    if out.get("task_type") == "multi_label_classification":
+        return _report_multilabel_evaluation(out, a.result_json)
     if a.predictions:
         from raytimm.plots import confusion_matrix_png
 
@@ -114,6 +137,21 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     for name, acc in out["per_class"].items():
         print(f"  {name:<24} {acc:6.2f}")
     _write_json(a.result_json, {k: out[k] for k in ("top1", "top5", "loss", "num_samples", "per_class")})
+    return 0
+
+
+def _report_multilabel_evaluation(out: dict, result_json: Optional[str]) -> int:
+    """Print and save what evaluate_multilabel_checkpoint measured."""
+    if out["predictions_csv"]:
+        print(f"predictions: {out['predictions_csv']}")
+    print(f"mAP {out['mAP']:.2f}  f1_micro {out['f1_micro']:.2f}  f1_macro {out['f1_macro']:.2f}  "
+          f"loss {out['loss']:.4f}  images {out['num_samples']}")
+    print(f"  {'label':<24} {'support':>7} {'AP':>6} {'prec':>6} {'recall':>6} {'F1':>6} {'thresh':>6}")
+    for name, r in out["per_class"].items():
+        print(f"  {name:<24} {r['support']:7d} {r['ap']:6.2f} {r['precision']:6.2f} {r['recall']:6.2f} "
+              f"{r['f1']:6.2f} {r['threshold']:6.3f}")
+    _write_json(result_json, {k: out[k] for k in ("task_type", "mAP", "f1_micro", "f1_macro", "loss",
+                                                  "num_samples", "thresholds", "per_class")})
     return 0
 
 
@@ -242,10 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, help="folder to create")
     s.add_argument("--classes", type=int, default=4, help="number of classes (default 4, max 10)")
     s.add_argument("--per-class", type=int, default=64, help="images per class (default 64)")
-    s.add_argument("--size", type=int, default=48, help="image side in pixels (default 48)")
+    s.add_argument("--size", type=int, help="image side in pixels (default 48; multi-label 64)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument("--format", choices=["imagefolder", "dice"], default="imagefolder",
-                   help="ImageFolder tree (default) or a DICE export")
+    s.add_argument("--format", choices=["imagefolder", "dice", "manifest"],
+                   help="ImageFolder tree (default), a DICE export, or (multi-label) images + labels.csv (default)")
+    s.add_argument("--multi-label", action="store_true",
+                   help="1-3 shapes per image, labels = the shapes drawn; classes x per-class images")
     s.set_defaults(func=cmd_demo_data)
 
     s = sub.add_parser("convert", help="convert a dataset export into an ImageFolder tree")
@@ -263,10 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--split-file", help="with --strategy file: text file listing the training images")
     c.add_argument("--seed", type=int, default=42, help="split seed (default 42)")
     c.add_argument("--link", action="store_true", help="hard-link images instead of copying (large datasets)")
+    c.add_argument("--multi-label", action="store_true",
+                   help="every shape's label counts: write images/ + manifest.csv (file,labels,split)")
     c.set_defaults(func=cmd_convert_dice)
 
-    s = sub.add_parser("dataset-report", help="scan an ImageFolder and print class counts and bad files")
-    s.add_argument("--data", required=True, help="ImageFolder root (train/ and optional val/)")
+    s = sub.add_parser("dataset-report", help="scan a dataset and print class counts and bad files")
+    s.add_argument("--data", required=True, help="ImageFolder root (train/ and optional val/), or a manifest .csv")
+    s.add_argument("--multi-label", action="store_true",
+                   help="the manifest is multi-label: per-label counts and co-occurrence")
     s.add_argument("--split-ratio", type=float, default=0.8, help="train fraction when there is no val/ (default 0.8)")
     s.add_argument("--seed", type=int, default=42, help="split seed when there is no val/ (default 42)")
     s.set_defaults(func=cmd_dataset_report)
@@ -300,11 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset split", formatter_class=fmt,
                        description="Evaluate a checkpoint (folder, run/tune folder, or legacy .pt; local, s3:// or r2://).")
     s.add_argument("--checkpoint", required=True, help="checkpoint URI (a run folder means its best checkpoint)")
-    s.add_argument("--data", required=True, help="ImageFolder root, local or s3:// / r2://")
+    s.add_argument("--data", required=True, help="ImageFolder root, local or s3:// / r2:// (a multi-label checkpoint: "
+                                                 "a manifest CSV or DICE export)")
     s.add_argument("--split", default="val", choices=["train", "val"], help="split to evaluate (default val)")
     s.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
-    s.add_argument("--predictions", help="write one CSV row per image (and a confusion-matrix PNG beside it)")
-    s.add_argument("--result-json", help="write top1, top5, loss, num_samples, per_class here")
+    s.add_argument("--predictions", help="write one CSV row per image (and a confusion-matrix PNG beside it); "
+                                         "multi-label: the file's labels, the predicted label set and every score")
+    s.add_argument("--result-json", help="write top1, top5, loss, num_samples, per_class here (multi-label: mAP, "
+                                         "f1_micro, f1_macro, loss, num_samples, thresholds, per_class)")
     s.add_argument("--model-name", help="timm model name (legacy .pt checkpoints only)")
     s.add_argument("--num-classes", type=int, help="number of classes (legacy .pt checkpoints only)")
     s.add_argument("--backend", choices=["torch", "onnx"], default="torch",

@@ -21,7 +21,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from raytimm.errors import ConfigError
-from raytimm.metrics import RANKING_METRICS as METRIC_NAMES  # torch-free import (see metrics.py)
+from raytimm.metrics import DEFAULT_METRIC, MULTI_LABEL_ONLY, SINGLE_LABEL_ONLY  # torch-free (see metrics.py)
+from raytimm.metrics import RANKING_METRICS as METRIC_NAMES
 from raytimm.serve.settings import ServeSettings, section_docs, validate_section
 
 
@@ -39,8 +40,10 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
 
 @dataclass
 class DataSection:
-    path: str = _f("", "Dataset root: an ImageFolder (train/ and optional val/) or a DICE export; local, s3:// or r2://.")
-    format: Literal["imagefolder", "dice"] = _f("imagefolder", "Dataset layout: imagefolder or dice (converted to a cached ImageFolder).")
+    path: str = _f("", "Dataset: an ImageFolder root (train/ and optional val/), a DICE export, or a manifest .csv; local, s3:// or r2://.")
+    format: Literal["imagefolder", "dice", "manifest"] = _f("imagefolder", "Dataset layout: imagefolder, dice (converted into the cache) or manifest (CSV file,labels[,split]; files relative to its folder).")
+    multi_label: bool = _f(False, "Multi-label: an image has a set of labels (manifest or dice); sigmoid/BCE, val/mAP, thresholds in meta.json.")
+    balance: Literal["none", "sampler", "loss"] = _f("none", "Single-label class imbalance: sampler (class-balanced draws) or loss (inverse-frequency class weights, mean 1).")
     split_ratio: float = _f(0.8, "Train fraction when the dataset has no val/ folder (stratified, deterministic split).")
     split_seed: int = _f(42, "Seed of the train/val split when there is no val/ folder.")
     num_workers: int = _f(2, "DataLoader worker processes per training worker.")
@@ -104,7 +107,7 @@ class TrainSection:
     warmup_lr: float = _f(1e-5, "Learning rate at the start of warmup.")
     min_lr: float = _f(1e-6, "Floor of the schedule.")
     sched_on_updates: bool = _f(True, "Step the scheduler every optimizer update instead of every epoch.")
-    label_smoothing: float = _f(0.1, "Label smoothing of the cross-entropy loss.")
+    label_smoothing: float = _f(0.1, "Label smoothing of the cross-entropy loss (multi-label: each target moves towards 0.5 by this much).")
     mixup: float = _f(0.0, "Mixup alpha (0 turns it off).")
     cutmix: float = _f(0.0, "CutMix alpha (0 turns it off).")
     mixup_prob: float = _f(1.0, "Probability of applying mixup or cutmix to a batch.")
@@ -118,6 +121,8 @@ class TrainSection:
     seed: int = _f(42, "Random seed (per-rank offsets are added).")
     patience: int = _f(0, "Stop after this many epochs without improving checkpoint.metric (0 turns it off).")
     threads: Optional[int] = _f(None, "torch intra-op threads per worker; default: the worker's CPUs.")
+    pos_weight: Literal["none", "auto"] = _f("none", "Multi-label BCE positive weight: auto = negatives/positives per label in train, clipped to [0.01, 100].")
+    calibrate_thresholds: bool = _f(False, "Multi-label: store each label's F1-optimal threshold on val with every checkpoint (else 0.5).")
 
     def validate(self, p: str) -> None:
         _check(self.epochs >= 1, f"{p}.epochs", self.epochs, ">= 1")
@@ -169,7 +174,7 @@ class StorageSection:
 
 @dataclass
 class CheckpointSection:
-    metric: str = _f("val/top1", "Metric that ranks checkpoints and picks `best`.")
+    metric: str = _f("val/top1", "Metric that ranks checkpoints and picks `best`; with data.multi_label the default val/top1 means val/mAP.")
     mode: Literal["max", "min"] = _f("max", "Whether a larger or smaller metric is better.")
     num_to_keep: int = _f(2, "Best checkpoints kept by Ray Train (the latest is always kept too).")
 
@@ -184,9 +189,11 @@ class MlflowSection:
     tracking_uri: Optional[str] = _f(None, "Tracking server URI; default $MLFLOW_TRACKING_URI, else a sqlite store next to the runs.")
     experiment: str = _f("raytimm", "MLflow experiment name.")
     timeout_s: float = _f(10.0, "Per-request timeout; a slow or dead server never stalls training longer than this.")
+    retry_after_s: float = _f(60.0, "After a failed MLflow call, wait this long before trying again; what was missed is sent then.")
 
     def validate(self, p: str) -> None:
         _check(self.timeout_s > 0, f"{p}.timeout_s", self.timeout_s, "> 0")
+        _check(self.retry_after_s >= 0, f"{p}.retry_after_s", self.retry_after_s, ">= 0")
 
 
 @dataclass
@@ -209,7 +216,7 @@ class TuneSection:
     searcher: Literal["random", "optuna"] = _f("random", "Search algorithm: random/grid, or optuna.")
     grace_period: int = _f(1, "ASHA: epochs every trial runs before it can be stopped.")
     reduction_factor: int = _f(2, "ASHA: fraction of trials kept at each rung is 1/reduction_factor.")
-    metric: str = _f("val/top1", "Metric the sweep optimises.")
+    metric: str = _f("val/top1", "Metric the sweep optimises; with data.multi_label the default val/top1 means val/mAP.")
     mode: Literal["max", "min"] = _f("max", "Whether a larger or smaller metric is better.")
     max_concurrent_trials: Optional[int] = _f(None, "Trials running at once; default derived from the cluster's CPUs/GPUs.")
     search_space: dict[str, Any] = _f({}, "Dotted config key -> {choice|grid|uniform|loguniform|randint|quniform: args}.")
@@ -252,9 +259,41 @@ class Config:
             # A pydantic section (serve) was validated when it was built; BaseModel.validate is not ours.
             if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
                 section.validate(f.name)
+        self._check_task()
         if self.checkpoint.metric.endswith("loss") and self.checkpoint.mode == "max":
             raise ConfigError(f"checkpoint.mode='max' with checkpoint.metric={self.checkpoint.metric!r}: a loss should use mode 'min'")
         return self
+
+    def _check_task(self) -> None:
+        """Keys that belong to one task (single- or multi-label) only, and the metric default per task."""
+        d, t = self.data, self.train
+        if d.multi_label:
+            if d.format == "imagefolder":
+                raise ConfigError("data.multi_label=true needs data.format=manifest or dice: class folders cannot "
+                                  "hold a set of labels per image")
+            if d.balance != "none":
+                raise ConfigError(f"data.balance={d.balance!r} is for single-label data; with data.multi_label=true "
+                                  "use train.pos_weight=auto")
+            for section, key in ((self.checkpoint, "checkpoint.metric"), (self.tune, "tune.metric")):
+                # The single-label default stands for "the task's default" (see the field docs).
+                if section.metric == DEFAULT_METRIC[False]:
+                    section.metric = DEFAULT_METRIC[True]
+                elif section.metric in SINGLE_LABEL_ONLY:
+                    raise ConfigError(f"{key}={section.metric!r} is a single-label metric; with data.multi_label=true "
+                                      f"use one of {', '.join(m for m in METRIC_NAMES if m not in SINGLE_LABEL_ONLY)}")
+            return
+        if t.pos_weight != "none":
+            raise ConfigError(f"train.pos_weight={t.pos_weight!r} needs data.multi_label=true; single-label data "
+                              "uses data.balance")
+        if t.calibrate_thresholds:
+            raise ConfigError("train.calibrate_thresholds=true needs data.multi_label=true (single-label predicts the top class)")
+        if d.balance == "loss" and (t.mixup > 0 or t.cutmix > 0):
+            raise ConfigError("data.balance='loss' cannot be combined with train.mixup/train.cutmix (mixed soft "
+                              "targets have no class weight); use data.balance=sampler")
+        for section, key in ((self.checkpoint, "checkpoint.metric"), (self.tune, "tune.metric")):
+            if section.metric in MULTI_LABEL_ONLY:
+                raise ConfigError(f"{key}={section.metric!r} is a multi-label metric: set data.multi_label=true, "
+                                  f"or use one of {', '.join(m for m in METRIC_NAMES if m not in MULTI_LABEL_ONLY)}")
 
 
 # ---------------------------------------------------------------- type coercion

@@ -6,7 +6,8 @@ differs between one process and N workers. Distributed facts come from ``distrib
 from ``data/loaders.py``, metric counting from ``metrics.py``, the run folder's rules from ``runs.py``.
 
 Per epoch: train, sync buffers, validate exactly (every val image once across ranks), save a
-checkpoint folder on rank 0, report it. Without a ``report`` callback the reporter is
+checkpoint folder on rank 0, report it. Multi-label runs (data.multi_label) differ only at the seams:
+BCE instead of CE, multi-hot targets, and validation by gathered scores (mAP, F1 at thresholds). Without a ``report`` callback the reporter is
 ``runs.LocalReporter``, which publishes into the run folder as Ray's controller does.
 """
 from __future__ import annotations
@@ -21,13 +22,10 @@ import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import timm
-import timm.data
-import timm.loss
 import timm.optim
 import timm.scheduler
 import timm.utils
@@ -37,18 +35,14 @@ from torch.utils.data import DataLoader
 
 from raytimm import distributed as dist_utils
 from raytimm import runs
-from raytimm.data.loaders import build_loaders, prepare_dataset_root
+from raytimm.data.loaders import build_loaders, prepare_dataset_root, scan_dataset
 from raytimm.errors import ConfigError, DataError
-from raytimm.metrics import ClassificationSums, per_class_accuracy
+from raytimm.losses import auto_pos_weight, build_losses, class_weights
+from raytimm.metrics import ClassificationSums, MultiLabelScores, per_class_accuracy
 from raytimm.model import build_model, unwrap_model
 
 log = logging.getLogger(__name__)
 
-# Test-only hook for the fault-tolerance test: when RAYTIMM_TEST_CRASH_AT_EPOCH=N and the file named
-# by RAYTIMM_TEST_CRASH_MARKER does not exist yet, one worker (rank 1, or rank 0 alone) creates the
-# marker and dies with os._exit(1) right after epoch N was reported. Never set these in real runs.
-CRASH_EPOCH_ENV = "RAYTIMM_TEST_CRASH_AT_EPOCH"
-CRASH_MARKER_ENV = "RAYTIMM_TEST_CRASH_MARKER"
 
 ReportFn = Callable[[dict, Optional[str]], None]
 
@@ -63,24 +57,14 @@ class FitResult:
     last_epoch: int
     stopped_early: bool
     class_names: list[str]
-    confusion_matrix: Optional[list[list[int]]]  # best epoch, rows = true class, cols = predicted
-    per_class: list[dict] = dataclasses.field(default_factory=list)  # best epoch: class, support, top1
+    confusion_matrix: Optional[list[list[int]]]  # best epoch, rows = true class, cols = predicted (single-label)
+    per_class: list[dict] = dataclasses.field(default_factory=list)  # best epoch: class, support, top1 | ap, f1, ...
     # Where runs.LocalReporter published (rank 0 of a fit without a report callback); None otherwise.
     run_dir: Optional[str] = None
     best_checkpoint: Optional[str] = None
     latest_checkpoint: Optional[str] = None
 
 
-@dataclasses.dataclass
-class EpochInfo:
-    """Passed to ``on_epoch_end`` on every rank after the epoch was reported."""
-
-    epoch: int
-    metrics: dict
-    is_best: bool
-    confusion_matrix: list[list[int]]
-    class_names: list[str]
-    model: Optional[nn.Module] = None  # the validated (and saved) module: the EMA one when EMA is on
 
 
 # ------------------------------------------------------------------ small resolvers
@@ -152,15 +136,6 @@ def build_scheduler(optimizer, *, sched: str, epochs: int, warmup_epochs: int, w
     return scheduler
 
 
-def build_losses(*, num_classes: int, label_smoothing: float, mixup: float, cutmix: float, mixup_prob: float):
-    """(train loss, mixup fn or None): timm Mixup/CutMix with soft-target CE, else CE with smoothing."""
-    if mixup > 0 or cutmix > 0:
-        mixup_fn = timm.data.Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob,
-                                   label_smoothing=label_smoothing, num_classes=num_classes)
-        return timm.loss.SoftTargetCrossEntropy(), mixup_fn
-    return nn.CrossEntropyLoss(label_smoothing=label_smoothing), None
-
-
 def _mean_lr(optimizer) -> float:
     lrs = [g["lr"] for g in optimizer.param_groups]
     return float(sum(lrs) / len(lrs))
@@ -172,7 +147,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn, device: torch.
                     num_updates: int, accum_steps: int = 1, clip_grad: Optional[float] = None,
                     scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: Optional[torch.dtype] = None,
                     channels_last: bool = False, mixup_fn=None, ema=None, desc: str = "train") -> tuple[dict, int]:
-    """One pass over ``loader``; returns ({loss, top1, count, throughput, lr} over all ranks, num_updates)."""
+    """One pass over ``loader``; returns ({loss, top1, count, throughput, lr} over all ranks, num_updates).
+    top1 is 0 for multi-label targets."""
     model.train()
     t0 = time.perf_counter()
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
@@ -215,7 +191,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn, device: torch.
         # Accumulate on the device: calling .item() here would be a CPU-GPU sync point every step.
         n = hard_targets.size(0)
         sums[0] += loss.detach().double() * n
-        sums[1] += (output.detach().argmax(dim=-1) == hard_targets).sum()
+        if hard_targets.ndim == 1:  # multi-label targets (N x labels) have no top-1
+            sums[1] += (output.detach().argmax(dim=-1) == hard_targets).sum()
         sums[2] += n
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # GPU work is asynchronous: wait for it before reading the clock
@@ -236,9 +213,34 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, num_classes: int
     Pass the unwrapped model: a DDP forward would broadcast buffers, a collective that deadlocks
     when ranks have different numbers of val batches.
     """
+    sums = ClassificationSums(num_classes, device)
+    _count_val(model, loader, device, sums, amp_dtype=amp_dtype, channels_last=channels_last, desc=desc)
+    sums.all_reduce()
+    return sums.result()
+
+
+@torch.no_grad()
+def evaluate_multilabel(model: nn.Module, loader, device: torch.device, *, class_names: list[str],
+                        thresholds: Optional[list[float]] = None, calibrate: bool = False,
+                        amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
+                        desc: str = "val") -> dict:
+    """Multi-label validation: loss, mAP, f1_micro, f1_macro (percent), thresholds, per_class rows.
+
+    Scores and targets are gathered from every rank (AP is not a sum) and every rank computes the
+    same numbers; exact under the same sampler condition as ``evaluate``. ``calibrate``: thresholds
+    are each label's F1-optimal one on this set (metrics.calibrate_thresholds), else ``thresholds``
+    (default 0.5). Pass the unwrapped model.
+    """
+    scores = MultiLabelScores(len(class_names), device)
+    _count_val(model, loader, device, scores, amp_dtype=amp_dtype, channels_last=channels_last, desc=desc)
+    return scores.result(class_names, thresholds=thresholds, calibrate=calibrate)
+
+
+def _count_val(model: nn.Module, loader, device: torch.device, counter, *, amp_dtype, channels_last: bool,
+               desc: str) -> None:
+    """Forward every val batch in eval mode and add its logits to ``counter`` (.add(logits, targets))."""
     was_training = model.training
     model.eval()
-    sums = ClassificationSums(num_classes, device)
     for images, targets in _progress(loader, total=len(loader), desc=desc):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -246,10 +248,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, num_classes: int
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp_dtype):
             output = model(images)
-        sums.add(output, targets)
-    sums.all_reduce()
+        counter.add(output, targets)
     model.train(was_training)
-    return sums.result()
 
 
 # ------------------------------------------------------------------ RNG state (weights_only-loadable)
@@ -283,24 +283,16 @@ def set_rng_state(state: dict) -> None:
 
 # ------------------------------------------------------------------ loop helpers
 
-def _maybe_crash_for_test(epoch: int) -> None:
-    """Test-only fault injection (see CRASH_EPOCH_ENV); a no-op unless both variables are set."""
-    at, marker = os.environ.get(CRASH_EPOCH_ENV), os.environ.get(CRASH_MARKER_ENV)
-    if not at or not marker or int(at) != epoch or os.path.exists(marker):
-        return
-    world = dist_utils.get_world_size()
-    if dist_utils.get_rank() != (1 if world > 1 else 0):
-        return
-    Path(marker).parent.mkdir(parents=True, exist_ok=True)
-    Path(marker).touch()
-    print(f"[test hook] rank {dist_utils.get_rank()} exits after epoch {epoch}", flush=True)
-    os._exit(1)
-
-
 def _summary_line(epoch: int, epochs: int, m: dict, is_best: bool) -> str:
-    return (f"epoch {epoch}/{epochs}  train/loss {m['train/loss']:.4f}  train/top1 {m['train/top1']:.1f}  "
-            f"val/loss {m['val/loss']:.4f}  val/top1 {m['val/top1']:.1f}  val/top5 {m['val/top5']:.1f}  "
-            f"lr {m['lr']:.2e}  {m['throughput']:.0f} img/s" + ("  *best" if is_best else ""))
+    if "val/mAP" in m:
+        scores = (f"train/loss {m['train/loss']:.4f}  val/loss {m['val/loss']:.4f}  val/mAP {m['val/mAP']:.1f}  "
+                  f"val/f1_micro {m['val/f1_micro']:.1f}  val/f1_macro {m['val/f1_macro']:.1f}")
+    else:
+        scores = (f"train/loss {m['train/loss']:.4f}  train/top1 {m['train/top1']:.1f}  val/loss {m['val/loss']:.4f}  "
+                  f"val/top1 {m['val/top1']:.1f}  val/top5 {m['val/top5']:.1f}  "
+                  f"val/balanced_acc {m['val/balanced_acc']:.1f}")
+    return (f"epoch {epoch}/{epochs}  {scores}  lr {m['lr']:.2e}  {m['throughput']:.0f} img/s"
+            + ("  *best" if is_best else ""))
 
 
 def _default_prepare_model(model: nn.Module) -> nn.Module:
@@ -325,8 +317,10 @@ class _State:
     best_confusion_matrix: Optional[list] = None
     history: list = dataclasses.field(default_factory=list)
     epochs_without_improvement: int = 0
+    best_per_class: Optional[list] = None  # multi-label: the best epoch's per-label rows
 
-    def record(self, metrics: dict, confusion_matrix: list, *, metric: str, mode: str) -> bool:
+    def record(self, metrics: dict, confusion_matrix: Optional[list], *, metric: str, mode: str,
+               per_class: Optional[list] = None) -> bool:
         """Append an epoch's metrics; returns whether it is the best so far (runs.is_better: a tie
         goes to this later epoch, as the `best` pointer's does). Patience counts strict improvements."""
         best_so_far = self.best_metrics or None
@@ -338,6 +332,7 @@ class _State:
         if is_best:
             self.best_value, self.best_epoch = float(metrics[metric]), int(metrics["epoch"])
             self.best_metrics, self.best_confusion_matrix = dict(metrics), confusion_matrix
+            self.best_per_class = per_class
         self.history.append(dict(metrics))
         self.epoch = int(metrics["epoch"])
         return is_best
@@ -346,7 +341,7 @@ class _State:
 def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None,
         prepare_loader: Optional[Callable[[DataLoader], Any]] = None, report: Optional[ReportFn] = None,
         resume_state_dir: Optional[str] = None, device: Optional[torch.device] = None,
-        num_threads: Optional[int] = None, on_epoch_end: Optional[Callable[[EpochInfo], None]] = None) -> FitResult:
+        num_threads: Optional[int] = None) -> FitResult:
     """Train ``cfg`` on this process (one DDP rank when a process group exists) and return the result.
 
     ``report(metrics, checkpoint_dir)`` is called on every rank each epoch, with a checkpoint
@@ -356,7 +351,7 @@ def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None
     and the result names its run folder and checkpoints.
     """
     kwargs = dict(prepare_model=prepare_model, prepare_loader=prepare_loader, resume_state_dir=resume_state_dir,
-                  device=device, num_threads=num_threads, on_epoch_end=on_epoch_end)
+                  device=device, num_threads=num_threads)
     if report is not None:
         return _fit(cfg, report=report, **kwargs)
     if not dist_utils.is_main_process():  # a torchrun group: rank 0 alone publishes
@@ -374,12 +369,11 @@ def fit(cfg, *, prepare_model: Optional[Callable[[nn.Module], nn.Module]] = None
                                latest_checkpoint=local.folder.latest_checkpoint)
 
 
-def _fit(cfg, *, report: ReportFn, prepare_model, prepare_loader, resume_state_dir, device, num_threads,
-         on_epoch_end) -> FitResult:
+def _fit(cfg, *, report: ReportFn, prepare_model, prepare_loader, resume_state_dir, device, num_threads) -> FitResult:
     """The loop itself; ``fit`` documents the arguments."""
     from raytimm import checkpoint as ckpt
     from raytimm.config import config_to_dict
-    from raytimm.data.folder import ImageDataset, scan_imagefolder
+    from raytimm.data.folder import ImageDataset
     from raytimm.data.transforms import build_eval_transform, build_train_transform, resolve_data_config
 
     tc = cfg.train
@@ -395,9 +389,9 @@ def _fit(cfg, *, report: ReportFn, prepare_model, prepare_loader, resume_state_d
         raise ConfigError(f"train.batch_size={tc.batch_size} must be even when mixup/cutmix is on")
 
     # ---- data
+    multi_label = cfg.data.multi_label
     root = prepare_dataset_root(cfg)
-    scan = scan_imagefolder(root, split_ratio=cfg.data.split_ratio, seed=cfg.data.split_seed,
-                            verify=cfg.data.verify_images, max_pixels=cfg.data.max_image_pixels)
+    scan = scan_dataset(root, cfg)
     class_names = list(scan.class_names)
     num_classes = len(class_names)
     if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
@@ -413,6 +407,9 @@ def _fit(cfg, *, report: ReportFn, prepare_model, prepare_loader, resume_state_d
         if list(resume_meta.get("class_names") or []) != class_names:
             raise ConfigError(f"cannot resume from {resume_state_dir}: its classes {resume_meta.get('class_names')} "
                               f"differ from the dataset's {class_names}")
+        if bool(resume_meta.get("multi_label")) != multi_label:
+            raise ConfigError(f"cannot resume from {resume_state_dir}: it was trained with data.multi_label="
+                              f"{str(bool(resume_meta.get('multi_label'))).lower()}")
 
     # ---- model: the same seed on every rank, so the initial weights (and an EMA copy made before DDP
     # broadcasts rank 0's parameters) agree; afterwards each rank gets its own stream for augmentation.
@@ -437,11 +434,13 @@ def _fit(cfg, *, report: ReportFn, prepare_model, prepare_loader, resume_state_d
     train_ds = ImageDataset(scan.train, build_train_transform(
         train_data_config, rrc=cfg.data.rrc, rrc_scale=tuple(cfg.data.rrc_scale), rrc_ratio=tuple(cfg.data.rrc_ratio),
         hflip=cfg.data.hflip, color_jitter=cfg.data.color_jitter, seed=tc.seed + rank),
-        max_pixels=cfg.data.max_image_pixels)
-    val_ds = ImageDataset(scan.val, build_eval_transform(data_config), max_pixels=cfg.data.max_image_pixels)
+        max_pixels=cfg.data.max_image_pixels, num_labels=num_classes if multi_label else None)
+    val_ds = ImageDataset(scan.val, build_eval_transform(data_config), max_pixels=cfg.data.max_image_pixels,
+                          num_labels=num_classes if multi_label else None)
     train_loader, val_loader, train_sampler = build_loaders(
         train_ds, val_ds, batch_size=tc.batch_size, eval_batch_size=tc.eval_batch_size or 2 * tc.batch_size,
-        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", seed=tc.seed, world_size=world, rank=rank)
+        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", seed=tc.seed, world_size=world, rank=rank,
+        balance=cfg.data.balance)
     updates_per_epoch = math.ceil(len(train_loader) / tc.grad_accum_steps)
 
     # ---- optimisation
@@ -450,8 +449,14 @@ def _fit(cfg, *, report: ReportFn, prepare_model, prepare_loader, resume_state_d
                                 warmup_lr=tc.warmup_lr, min_lr=tc.min_lr, on_updates=tc.sched_on_updates,
                                 updates_per_epoch=updates_per_epoch, mode=cfg.checkpoint.mode)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    train_loss_fn, mixup_fn = build_losses(num_classes=num_classes, label_smoothing=tc.label_smoothing,
-                                           mixup=tc.mixup, cutmix=tc.cutmix, mixup_prob=tc.mixup_prob)
+    # Weights come from the train split, the same on every rank (the scan is deterministic).
+    train_labels = [label for _, label in scan.train]
+    train_loss_fn, mixup_fn = build_losses(
+        num_classes=num_classes, label_smoothing=tc.label_smoothing, mixup=tc.mixup, cutmix=tc.cutmix,
+        mixup_prob=tc.mixup_prob, multi_label=multi_label,
+        pos_weight=auto_pos_weight(train_labels, num_classes) if tc.pos_weight == "auto" else None,
+        class_weight=class_weights(train_labels, num_classes) if cfg.data.balance == "loss" else None)
+    train_loss_fn.to(device)
     # Warmup lets the EMA follow the weights early on; a fixed 0.9998 would barely move in short runs.
     ema = timm.utils.ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema else None
 
@@ -468,6 +473,8 @@ def _fit(cfg, *, report: ReportFn, prepare_model, prepare_loader, resume_state_d
 
     meta_base = {"model_name": cfg.model.name, "num_classes": num_classes, "class_names": class_names,
                  "data_config": data_config, "config": config_to_dict(cfg), "ema": bool(ema)}
+    if multi_label:  # the inference contract (docs/internals.md "Multi-label checkpoints")
+        meta_base["multi_label"] = True
     if dist_utils.is_main_process():
         log.info("training %s (%d classes) on %d train / %d val images, %d worker(s), device %s",
                  cfg.model.name, num_classes, len(train_ds), len(val_ds), world, device)
@@ -490,14 +497,23 @@ def _fit(cfg, *, report: ReportFn, prepare_model, prepare_loader, resume_state_d
         eval_model = ema.module if ema is not None else unwrap_model(model)
         if ema is not None:
             dist_utils.broadcast_buffers(ema.module)
-        val = evaluate(eval_model, val_loader, device, num_classes=num_classes, amp_dtype=amp_dtype,
-                       channels_last=channels_last, desc=f"val {epoch}/{tc.epochs}")
-
-        metrics = {"train/loss": train_stats["loss"], "train/top1": train_stats["top1"], "val/loss": val["loss"],
-                   "val/top1": val["top1"], "val/top5": val["top5"], "lr": train_stats["lr"],
-                   "throughput": train_stats["throughput"], "epoch": epoch}
-        is_best = state.record(metrics, val["confusion_matrix"], metric=cfg.checkpoint.metric,
-                               mode=cfg.checkpoint.mode)
+        if multi_label:
+            val = evaluate_multilabel(eval_model, val_loader, device, class_names=class_names,
+                                      calibrate=tc.calibrate_thresholds, amp_dtype=amp_dtype,
+                                      channels_last=channels_last, desc=f"val {epoch}/{tc.epochs}")
+            metrics = {"train/loss": train_stats["loss"], "val/loss": val["loss"], "val/mAP": val["mAP"],
+                       "val/f1_micro": val["f1_micro"], "val/f1_macro": val["f1_macro"]}
+            per_class, cm = val["per_class"], None
+        else:
+            val = evaluate(eval_model, val_loader, device, num_classes=num_classes, amp_dtype=amp_dtype,
+                           channels_last=channels_last, desc=f"val {epoch}/{tc.epochs}")
+            metrics = {"train/loss": train_stats["loss"], "train/top1": train_stats["top1"], "val/loss": val["loss"],
+                       "val/top1": val["top1"], "val/top5": val["top5"], "val/balanced_acc": val["balanced_acc"]}
+            cm = val["confusion_matrix"]
+            per_class = per_class_accuracy(cm, class_names)
+        metrics.update({"lr": train_stats["lr"], "throughput": train_stats["throughput"], "epoch": epoch})
+        is_best = state.record(metrics, cm, metric=cfg.checkpoint.metric, mode=cfg.checkpoint.mode,
+                               per_class=per_class if multi_label else None)
         # timm: at the end of an epoch, set the next epoch's value (a no-op when stepping per update).
         scheduler.step(epoch, float(metrics[cfg.checkpoint.metric]))
 
@@ -508,10 +524,11 @@ def _fit(cfg, *, report: ReportFn, prepare_model, prepare_loader, resume_state_d
             ckpt_dir = tempfile.mkdtemp(prefix="raytimm-ckpt-")
         try:
             if ckpt_dir:
-                meta = dict(meta_base, epoch=epoch, metrics=metrics, confusion_matrix=val["confusion_matrix"],
-                            per_class=per_class_accuracy(val["confusion_matrix"], class_names),
+                meta = dict(meta_base, epoch=epoch, metrics=metrics, confusion_matrix=cm, per_class=per_class,
                             best_epoch=state.best_epoch, history=state.history,
                             epochs_without_improvement=state.epochs_without_improvement)
+                if multi_label:  # each checkpoint carries its own thresholds, so `best` has the best epoch's
+                    meta["thresholds"] = val["thresholds"]
                 weights = ema.module.state_dict() if ema is not None else unwrap_model(model).state_dict()
                 ckpt.save_checkpoint(ckpt_dir, model_state=weights, meta=meta, train_state=_train_state(
                     state, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema,
@@ -521,11 +538,6 @@ def _fit(cfg, *, report: ReportFn, prepare_model, prepare_loader, resume_state_d
         finally:
             if ckpt_dir:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
-        if on_epoch_end is not None:
-            on_epoch_end(EpochInfo(epoch=epoch, metrics=metrics, is_best=is_best,
-                                   confusion_matrix=val["confusion_matrix"], class_names=class_names,
-                                   model=eval_model))
-        _maybe_crash_for_test(epoch)
         if tc.patience and state.epochs_without_improvement >= tc.patience:
             stopped_early = True
             if dist_utils.is_main_process():
@@ -534,9 +546,10 @@ def _fit(cfg, *, report: ReportFn, prepare_model, prepare_loader, resume_state_d
                       f"best {best}", flush=True)
 
     cm = state.best_confusion_matrix
+    per_class = state.best_per_class if multi_label else (per_class_accuracy(cm, class_names) if cm else [])
     return FitResult(best_metrics=state.best_metrics, best_epoch=state.best_epoch, history=state.history,
                      last_epoch=state.epoch, stopped_early=stopped_early, class_names=class_names,
-                     confusion_matrix=cm, per_class=per_class_accuracy(cm, class_names) if cm else [])
+                     confusion_matrix=cm, per_class=per_class or [])
 
 
 def _train_state(state: _State, *, model, optimizer, scheduler, scaler, ema, epochs: int, rng: list,
@@ -550,6 +563,7 @@ def _train_state(state: _State, *, model, optimizer, scheduler, scaler, ema, epo
         "model": unwrap_model(model).state_dict() if ema is not None else None,
         "rng": rng, "best_value": state.best_value, "best_epoch": state.best_epoch,
         "best_metrics": state.best_metrics, "best_confusion_matrix": state.best_confusion_matrix,
+        "best_per_class": state.best_per_class,
         "history": state.history, "epochs_without_improvement": state.epochs_without_improvement,
         "class_names": class_names,
     }
@@ -592,4 +606,5 @@ def _restore(ts: dict, ckpt_dir: str, *, model, optimizer, scheduler, scaler, em
     return _State(epoch=epoch, num_updates=num_updates, best_value=ts.get("best_value"),
                   best_epoch=int(ts.get("best_epoch", 0)), best_metrics=dict(ts.get("best_metrics") or {}),
                   best_confusion_matrix=ts.get("best_confusion_matrix"), history=list(ts.get("history") or []),
+                  best_per_class=ts.get("best_per_class"),
                   epochs_without_improvement=int(ts.get("epochs_without_improvement", 0)))

@@ -39,3 +39,14 @@ class CheckpointNotFound(CheckpointError):
 
 class ExportError(RaytimmError):
     """A model could not be exported, or the export does not reproduce the PyTorch model's outputs."""
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Whether restarting the training workers could fix ``error`` (raised inside a worker).
+
+    A raytimm error names a config key, a file or a checkpoint that a restart cannot change, so
+    it is not retried. StorageError is the exception: a bucket outage can end between attempts,
+    and a restart resumes from the last complete checkpoint. Anything else (a killed process, a
+    lost node, a CUDA or collective error) is a crash, retried up to run.max_failures times.
+    """
+    return not isinstance(error, RaytimmError) or isinstance(error, StorageError)

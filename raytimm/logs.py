@@ -144,9 +144,37 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r".*pkg_resources is deprecated.*")
 
 
+class KnownErrorTracebackFilter(logging.Filter):
+    """Drops Train's "Error in training function" traceback for a raytimm error that is not retried.
+
+    The driver prints that error's own one-line message as the run's last line; a worker traceback
+    relayed after it would bury it. Crashes and storage errors keep their traceback.
+    """
+
+    _LAST_LINE = re.compile(r"^raytimm\.errors\.(\w+): ", re.M)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from raytimm import errors
+
+        try:
+            msg = record.getMessage()
+        except Exception:  # a broken record is not ours to crash on
+            return True
+        found = self._LAST_LINE.findall(msg) if msg.startswith("Error in training function") else []
+        cls = getattr(errors, found[-1], None) if found else None
+        return not (isinstance(cls, type) and issubclass(cls, Exception) and not errors.is_retryable(cls("")))
+
+
+# Train V2 logs a worker's exception there (ray/train/v2/_internal/util.py).
+TRAIN_FN_ERROR_LOGGER = "ray.train.v2._internal.util"
+
+
 def worker_logging_setup() -> None:
     """Inside Ray workers: the same quiet levels (they do not run the CLI's setup)."""
     quiet_third_party()
+    train_fn_logger = logging.getLogger(TRAIN_FN_ERROR_LOGGER)
+    if not any(isinstance(f, KnownErrorTracebackFilter) for f in train_fn_logger.filters):
+        train_fn_logger.addFilter(KnownErrorTracebackFilter())
     raytimm_logger = logging.getLogger("raytimm")
     if not raytimm_logger.handlers:
         h = logging.StreamHandler()

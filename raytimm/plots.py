@@ -76,6 +76,23 @@ def per_class_csv(cm: np.ndarray | Sequence[Sequence[float]], class_names: Seque
     return str(path)
 
 
+PER_LABEL_COLUMNS = ("class", "support", "ap", "precision", "recall", "f1", "threshold")
+
+
+def per_label_csv(rows: Sequence[dict], path: str | os.PathLike) -> str:
+    """Multi-label: write ``class,support,ap,precision,recall,f1,threshold`` from metrics.multilabel_metrics'
+    per_class rows (percent, 2 decimals; threshold 6 decimals); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(PER_LABEL_COLUMNS)
+        for r in rows:
+            writer.writerow([r["class"], r["support"], *(f"{r[k]:.2f}" for k in ("ap", "precision", "recall", "f1")),
+                             f"{r['threshold']:.6f}"])
+    return str(path)
+
+
 def _short(name: str) -> str:
     name = str(name)
     return name if len(name) <= MAX_LABEL_CHARS else name[: MAX_LABEL_CHARS - 1] + "…"
@@ -155,21 +172,29 @@ def _series(history: Sequence[dict], key: str) -> tuple[list[float], list[float]
 
 
 def curves_png(history: Sequence[dict], path: str | os.PathLike) -> str:
-    """Plot loss and top-1 (train vs val) per epoch from per-epoch metric dicts; return the path.
+    """Plot loss and top-1 (train vs val; multi-label: val mAP and F1) per epoch from per-epoch metric
+    dicts; return the path.
 
     Each entry is one epoch's metrics, e.g. ``{"epoch": 1, "train/loss": ..., "val/top1": ...}``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    multi_label = any("val/mAP" in h for h in history)
+    panels = (("loss", "loss", (("train/loss", "train", "-o"), ("val/loss", "val", "-s"))),)
+    if multi_label:
+        panels += (("scores", "percent", (("val/mAP", "val mAP", "-s"), ("val/f1_micro", "val F1 micro", "-^"),
+                                          ("val/f1_macro", "val F1 macro", "-v"))),)
+    else:
+        panels += (("top1", "top-1 accuracy (%)", (("train/top1", "train", "-o"), ("val/top1", "val", "-s"))),)
     with _quiet_fonts():
         fig = Figure(figsize=(10, 4), dpi=100)
         FigureCanvasAgg(fig)
-        for col, (metric, label) in enumerate((("loss", "loss"), ("top1", "top-1 accuracy (%)"))):
+        for col, (_, label, series) in enumerate(panels):
             ax = fig.add_subplot(1, 2, col + 1)
-            for split, style in (("train", "-o"), ("val", "-s")):
-                xs, ys = _series(history, f"{split}/{metric}")
+            for key, name, style in series:
+                xs, ys = _series(history, key)
                 if xs:
-                    ax.plot(xs, ys, style, label=split, markersize=3)
+                    ax.plot(xs, ys, style, label=name, markersize=3)
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(label)

@@ -25,6 +25,7 @@ from raytimm.errors import CheckpointError, ConfigError, DataError, ImageError
 log = logging.getLogger(__name__)
 
 TASK_TYPE = "image_classification"
+MULTI_LABEL_TASK_TYPE = "multi_label_classification"
 IMAGENET_CLASSES = 1000
 BACKENDS = ("torch", "onnx")
 
@@ -123,6 +124,9 @@ class Predictor:
         self.max_pixels = max_pixels
         self.batch_size = max(1, int(batch_size))
         self.transform = build_eval_transform(self.data_config)
+        # meta.json's contract (docs/internals.md, "Multi-label checkpoints"): sigmoid scores, a threshold per label.
+        self.multi_label = bool(self.meta.get("multi_label"))
+        self.thresholds = meta_thresholds(self.meta, self.num_classes, source) if self.multi_label else None
 
     # ------------------------------------------------------------------ construction
 
@@ -214,13 +218,33 @@ class Predictor:
         """Forward a NCHW batch through the backend; float32 logits on CPU."""
         return self.runner.logits(batch)
 
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Softmax class probabilities of a NCHW batch."""
-        return torch.softmax(self.logits(batch), dim=1)
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class scores of logits: softmax, or an independent sigmoid per label for a multi-label model."""
+        return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
 
-    def format_topk(self, probs: torch.Tensor, top_k: int | Sequence[int]) -> list[dict]:
-        """Probability rows -> HTTP-contract dicts; top_k (per row or shared) clamped to [1, num_classes]."""
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Class scores of a NCHW batch (``scores`` of its logits)."""
+        return self.scores(self.logits(batch))
+
+    def label_thresholds(self, threshold: float | None = None) -> list[float]:
+        """Per-label thresholds of a multi-label model: ``threshold`` for every label, else meta.json's."""
+        if not self.multi_label:
+            raise ConfigError(f"{self.source or self.model_name} is a single-label model: a threshold applies "
+                              f"to multi-label models only")
+        if threshold is None:
+            return list(self.thresholds)
+        return [check_threshold(threshold)] * self.num_classes
+
+    def format_topk(self, probs: torch.Tensor, top_k: int | Sequence[int],
+                    threshold: float | None | Sequence[float | None] = None) -> list[dict]:
+        """Score rows -> HTTP-contract dicts; top_k (per row or shared) clamped to [1, num_classes].
+
+        A multi-label model's dicts add ``labels`` (every label whose score reaches its threshold, by score)
+        with ``threshold`` (per row or shared; None = meta.json's) overriding the stored thresholds.
+        """
         ks = [top_k] * probs.shape[0] if isinstance(top_k, int) else list(top_k)
+        if threshold is None or isinstance(threshold, (int, float)):
+            threshold = [threshold] * len(ks)
         kmax = self.clamp_top_k(max(ks)) if ks else 1
         values, indices = torch.topk(probs, kmax, dim=1)
         out = []
@@ -228,25 +252,41 @@ class Predictor:
             k = self.clamp_top_k(k)
             preds = [{"class_id": int(indices[row, j]), "class_name": self.class_names[int(indices[row, j])],
                       "confidence": float(values[row, j])} for j in range(k)]
-            out.append({"task_type": TASK_TYPE, "top_k_predictions": preds,
-                        "predicted_class": preds[0]["class_name"], "confidence": preds[0]["confidence"]})
+            answer = {"task_type": TASK_TYPE, "top_k_predictions": preds,
+                      "predicted_class": preds[0]["class_name"], "confidence": preds[0]["confidence"]}
+            if self.multi_label:
+                answer.update(task_type=MULTI_LABEL_TASK_TYPE,
+                              labels=self.labels_over(probs[row], self.label_thresholds(threshold[row])))
+            elif threshold[row] is not None:
+                self.label_thresholds(threshold[row])  # raises: a single-label model has no thresholds
+            out.append(answer)
         return out
+
+    def labels_over(self, scores: torch.Tensor, thresholds: Sequence[float]) -> list[dict]:
+        """The labels of one score row that reach their threshold, highest score first."""
+        hits = [j for j in range(self.num_classes) if float(scores[j]) >= thresholds[j]]
+        hits.sort(key=lambda j: (-float(scores[j]), j))
+        return [{"class_id": j, "class_name": self.class_names[j], "confidence": float(scores[j])} for j in hits]
 
     def clamp_top_k(self, top_k: int) -> int:
         """top_k limited to 1..num_classes."""
         return max(1, min(int(top_k), self.num_classes))
 
-    def predict_tensor_batch(self, batch: torch.Tensor, top_k: int | Sequence[int] = 5) -> list[dict]:
-        """Top-k dicts for an already preprocessed NCHW batch (Serve's batched path)."""
-        return self.format_topk(self.probabilities(batch), top_k)
+    def predict_tensor_batch(self, batch: torch.Tensor, top_k: int | Sequence[int] = 5,
+                             threshold: float | None | Sequence[float | None] = None) -> list[dict]:
+        """Top-k dicts for an already preprocessed NCHW batch (Serve's batched path); see ``format_topk``."""
+        return self.format_topk(self.probabilities(batch), top_k, threshold)
 
-    def predict(self, images: Sequence[np.ndarray | bytes | str | os.PathLike], top_k: int = 5) -> list[dict]:
+    def predict(self, images: Sequence[np.ndarray | bytes | str | os.PathLike], top_k: int = 5,
+                threshold: float | None = None) -> list[dict]:
         """Top-k dicts for images (arrays, encoded bytes or paths), in order, in batches of batch_size."""
+        if threshold is not None:
+            self.label_thresholds(threshold)  # checked before any image is decoded
         results: list[dict] = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             tensors = [self.preprocess(self.decode(img, name=f"image {start + i}")) for i, img in enumerate(chunk)]
-            results.extend(self.predict_tensor_batch(torch.stack(tensors), top_k))
+            results.extend(self.predict_tensor_batch(torch.stack(tensors), top_k, threshold))
         return results
 
     def metadata(self) -> dict:
@@ -261,8 +301,34 @@ class Predictor:
             "metrics": self.meta.get("metrics") or {},
             "data_config": self.data_config,
             "versions": self.meta.get("versions") or {},
+            "task_type": MULTI_LABEL_TASK_TYPE if self.multi_label else TASK_TYPE,
+            "multi_label": self.multi_label,
+            "thresholds": list(self.thresholds) if self.multi_label else None,
             **self.runner.describe(),  # backend, device (and the ONNX providers and threads)
         }
+
+
+def check_threshold(value) -> float:
+    """A score threshold: a finite number in [0, 1] (ConfigError naming it otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ConfigError(f"threshold must be a number between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def meta_thresholds(meta: dict, num_classes: int, source: str | None) -> list[float]:
+    """meta.json's per-label thresholds (0.5 each when absent); a wrong count or value is a CheckpointError."""
+    from raytimm.metrics import DEFAULT_THRESHOLD
+
+    raw = meta.get("thresholds")
+    if raw is None:
+        return [DEFAULT_THRESHOLD] * num_classes
+    try:
+        if len(raw) != num_classes:
+            raise ValueError(f"{len(raw)} thresholds for {num_classes} classes")
+        return [check_threshold(t) for t in raw]
+    except (TypeError, ValueError, ConfigError) as exc:
+        raise CheckpointError(f"{source or 'checkpoint'}/meta.json: thresholds must be one number in [0, 1] "
+                              f"per class: {exc}") from None
 
 
 def _load_state(model: nn.Module, state: dict, uri: str, model_name: str) -> None:
@@ -332,12 +398,20 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, *, split: str = "val
                         num_classes: int | None = None, device: str | torch.device | None = None,
                         cache_dir: str | None = None, predictor: Predictor | None = None, backend: str = "torch",
                         num_threads: int | None = None) -> dict:
-    """Top-1/top-5/loss/per-class accuracy and confusion matrix of a checkpoint on an ImageFolder split."""
+    """Top-1/top-5/loss/per-class accuracy and confusion matrix of a checkpoint on an ImageFolder split.
+
+    A multi-label checkpoint (meta.json ``multi_label``) is scored by evaluate_multilabel instead: mAP, F1, per label.
+    """
     check_backend(backend)
-    root = _stage_data(str(data_uri), cache_dir)
     pred = predictor or Predictor.from_checkpoint(checkpoint_uri, model_name=model_name, num_classes=num_classes,
                                                   device=device, batch_size=batch_size, backend=backend,
                                                   num_threads=num_threads, cache_dir=cache_dir)
+    if pred.multi_label:
+        from raytimm.evaluate_multilabel import evaluate_multilabel_checkpoint
+
+        return evaluate_multilabel_checkpoint(pred, str(data_uri), split=split, batch_size=batch_size,
+                                              predictions_csv=predictions_csv, cache_dir=cache_dir)
+    root = _stage_data(str(data_uri), cache_dir)
     classes, samples = _split_samples(root, split, pred.meta)
     if pred.kind == "legacy_pt" and pred.class_names == [str(i) for i in range(pred.num_classes)]:
         if len(classes) != pred.num_classes:
@@ -349,17 +423,7 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, *, split: str = "val
 
     sums = ClassificationSums(pred.num_classes, torch.device("cpu"))
     rows, skipped = [], []
-    for start in range(0, len(samples), batch_size):
-        chunk, tensors = [], []
-        for path, label in samples[start:start + batch_size]:
-            try:
-                tensors.append(pred.preprocess(decode_image(path, max_pixels=pred.max_pixels)))
-                chunk.append((path, label))
-            except ImageError as exc:  # an unreadable file is reported, not fatal
-                skipped.append({"file": os.path.relpath(path, root), "reason": str(exc)})
-        if not chunk:
-            continue
-        logits = pred.logits(torch.stack(tensors))
+    for chunk, logits in logit_batches(pred, samples, root, batch_size, skipped):
         top1 = sums.add(logits, torch.tensor([y for _, y in chunk]))
         conf = torch.softmax(logits, dim=1).gather(1, top1[:, None]).squeeze(1)
         for (path, y), p, c in zip(chunk, top1.tolist(), conf.tolist()):
@@ -389,6 +453,20 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, *, split: str = "val
         "predictions_csv": str(predictions_csv) if predictions_csv else None,
         "skipped": skipped,
     }
+
+
+def logit_batches(pred: Predictor, samples: Sequence[tuple], root: str, batch_size: int, skipped: list):
+    """Yield (samples, logits) per batch of (path, target) samples; unreadable files go to ``skipped``, not fatal."""
+    for start in range(0, len(samples), batch_size):
+        chunk, tensors = [], []
+        for path, target in samples[start:start + batch_size]:
+            try:
+                tensors.append(pred.preprocess(decode_image(path, max_pixels=pred.max_pixels)))
+                chunk.append((path, target))
+            except ImageError as exc:
+                skipped.append({"file": os.path.relpath(path, root), "reason": str(exc)})
+        if chunk:
+            yield chunk, pred.logits(torch.stack(tensors))
 
 
 def write_predictions_csv(path: str | os.PathLike, rows: Sequence[tuple[str, str, str, float]]) -> str:

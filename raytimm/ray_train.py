@@ -12,9 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import queue
 import tempfile
-import threading
 from typing import Any, Optional, Sequence
 
 from raytimm.logs import quiet_env
@@ -25,12 +23,14 @@ import ray  # noqa: E402
 import ray.train  # noqa: E402
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
 from ray.train import LoggingConfig  # noqa: E402
+# DeveloperAPI: the only hook that runs when the controller shuts down (see _CloseTracking).
+from ray.train.v2._internal.execution.callback import ControllerCallback  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
 from raytimm import runs, storage  # noqa: E402
 from raytimm.envvars import forwarded_env  # noqa: E402
 from raytimm.config import Config, config_from_dict, config_to_dict, dump_yaml, flatten_config  # noqa: E402
-from raytimm.errors import CheckpointError, RaytimmError, StorageError  # noqa: E402
+from raytimm.errors import CheckpointError, RaytimmError, StorageError, is_retryable  # noqa: E402
 
 log = logging.getLogger("raytimm.train")
 
@@ -184,8 +184,8 @@ class TrackingCallback(ray.train.UserCallback):
 
     Runs in the Train controller, after Ray has persisted the reported checkpoint, so a
     pointer only ever names a complete checkpoint; ``runs.RunFolder`` moves `latest`/`best`
-    (the ranking rule of runs.py) and rewrites progress.json. MLflow calls go through a
-    background thread so a slow tracking server cannot hold up the controller.
+    (the ranking rule of runs.py) and rewrites progress.json. Metrics go to the run's MLflow sender
+    thread (tracking.attach_logger), so a slow or dead tracking server never holds up the controller.
     """
 
     def __init__(self, *, run_dir: str, run_name: str, scheme: str, metric: str, mode: str, epochs: int,
@@ -194,39 +194,38 @@ class TrackingCallback(ray.train.UserCallback):
         self.storage_opts = dict(endpoint_url=endpoint_url, region=region)
         self._configured = False
         self.scheme = scheme
-        self.mlflow_kwargs = mlflow_kwargs
+        self.mlflow_kwargs = mlflow_kwargs  # tracking.attach_logger's arguments, or None
         # Built in the controller on first use: after a controller restart the new one reads the
         # folder's best pointer and progress history again.
         self.folder_kwargs = dict(run_name=run_name, metric=metric, mode=mode, epochs=epochs,
                                   mlflow_run_id=(mlflow_kwargs or {}).get("run_id"))
         self._folder: Optional[runs.RunFolder] = None
-        self._q: Optional[queue.Queue] = None
+        self._logger = None
 
     def __getstate__(self) -> dict:
         s = dict(self.__dict__)
-        s["_q"] = None
+        s["_logger"] = None  # a thread: made again in the controller
         s["_folder"] = None
         return s
 
-    def _queue(self) -> queue.Queue:
-        if self._q is None:
-            self._q = queue.Queue()
-            threading.Thread(target=self._drain, args=(self._q,), daemon=True, name="raytimm-mlflow").start()
-        return self._q
+    def _log_metrics(self, metrics: dict, step: int) -> None:
+        if not self.mlflow_kwargs:
+            return
+        if self._logger is None:
+            from raytimm.tracking import attach_logger
 
-    def _drain(self, q: queue.Queue) -> None:
-        from raytimm.tracking import make_logger
+            self._logger = attach_logger(**self.mlflow_kwargs)
+        self._logger.log_metrics(metrics, step=step)
 
-        logger = make_logger(**self.mlflow_kwargs) if self.mlflow_kwargs else None
-        while True:
-            metrics, step = q.get()
-            if logger is not None:
-                logger.log_metrics(metrics, step=step)
+    def close(self) -> None:
+        """Send what is still queued (bounded), so the driver's final backfill finds it on the server."""
+        if self._logger is not None:
+            self._logger.close()
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         m = {k: float(v) for k, v in (metrics[0] if metrics else {}).items() if isinstance(v, (int, float))}
         if "epoch" in m:
-            self._queue().put((m, int(m["epoch"])))
+            self._log_metrics(m, int(m["epoch"]))
         if checkpoint is None:
             return
         if not self._configured:  # this runs in the controller process, which has its own storage settings
@@ -236,6 +235,34 @@ class TrackingCallback(ray.train.UserCallback):
             self._folder = runs.RunFolder(self.run_dir, **self.folder_kwargs)
         # Ray's retention ranks checkpoints with the same rule, so `best` always names a kept one.
         self._folder.checkpoint_saved(checkpoint_uri(checkpoint.path, self.scheme), m)
+
+
+class _CloseTracking(ControllerCallback):
+    """Closes TrackingCallback's MLflow sender when the controller shuts down.
+
+    UserCallback has no shutdown hook; without this the driver's end-of-run backfill could race
+    a send still in flight from the controller and log an epoch twice.
+    """
+
+    def __init__(self, tracking: TrackingCallback):
+        self.tracking = tracking  # the same object as in the UserCallback list (one pickled argument)
+
+    async def before_controller_shutdown(self):
+        self.tracking.close()
+
+
+class FailFastCallback(ray.train.UserCallback):
+    """Fails the run at the first worker error that a restart cannot fix (errors.is_retryable).
+
+    Ray Train retries every worker error up to FailureConfig.max_failures; an error raised from a
+    callback is a controller error, which its default failure policy does not retry. The worker's
+    own exception rides along as ``ControllerError.controller_failure``.
+    """
+
+    def after_exception(self, run_context, worker_exceptions: dict) -> None:
+        for _, error in sorted(worker_exceptions.items()):
+            if not is_retryable(error):
+                raise ray.train.ControllerError(error)
 
 
 def checkpoint_uri(path: str, scheme: str) -> str:
@@ -272,20 +299,21 @@ def preflight(cfg: Config) -> None:
     if storage.is_remote(cfg.storage.path):
         storage.preflight(cfg.storage.path, want="write")
     if not cfg.data.path:
-        raise RaytimmError("data.path is empty: point it at an ImageFolder or DICE export (local, s3:// or r2://)")
-    if storage.is_remote(cfg.data.path):
-        storage.preflight(cfg.data.path, want="dataset")
-        return
-    if not os.path.isdir(cfg.data.path):
-        raise RaytimmError(f"data.path {cfg.data.path!r} is not a folder")
-    from raytimm.data.loaders import prepare_dataset_root
+        raise RaytimmError("data.path is empty: point it at an ImageFolder, DICE export or manifest CSV "
+                           "(local, s3:// or r2://)")
+    from raytimm.data.loaders import manifest_folder, prepare_dataset_root, scan_dataset
 
+    manifest = cfg.data.format == "manifest"
+    if storage.is_remote(cfg.data.path):
+        # A manifest's images lie in its folder: that is the dataset to find.
+        target = manifest_folder(cfg.data.path)[0] if manifest else cfg.data.path
+        storage.preflight(target, want="dataset")
+        return
+    if not (os.path.isfile if manifest else os.path.isdir)(cfg.data.path):
+        raise RaytimmError(f"data.path {cfg.data.path!r} is not a {'file' if manifest else 'folder'}")
     # The workers' own call then finds this DICE conversion in the cache.
     local = prepare_dataset_root(cfg)
-    from raytimm.data.folder import scan_imagefolder
-
-    scan = scan_imagefolder(local, split_ratio=cfg.data.split_ratio, seed=cfg.data.split_seed,
-                            verify=cfg.data.verify_images)
+    scan = scan_dataset(local, cfg)
     if cfg.model.num_classes is not None and cfg.model.num_classes != len(scan.class_names):
         raise RaytimmError(f"model.num_classes={cfg.model.num_classes} but {local!r} has "
                            f"{len(scan.class_names)} classes: {', '.join(scan.class_names[:10])}")
@@ -309,7 +337,7 @@ def _scaling(cfg: Config) -> ScalingConfig:
 def build_trainer(cfg: Config, *, run_name: str, callbacks: list, train_loop=None) -> TorchTrainer:
     """TorchTrainer for cfg: scaling, storage (local or bucket), checkpoint ranking, failures.
 
-    ``train_loop`` replaces ``train_loop_per_worker`` (tests wrap it to inspect each rank).
+    ``train_loop`` replaces ``train_loop_per_worker`` (benchmarks and tests wrap it to inspect each rank).
     """
     fs, fs_path = storage.get_filesystem(cfg.storage.path)
     run_config = RunConfig(
@@ -320,7 +348,7 @@ def build_trainer(cfg: Config, *, run_name: str, callbacks: list, train_loop=Non
                                            checkpoint_score_attribute=cfg.checkpoint.metric,
                                            checkpoint_score_order=cfg.checkpoint.mode),
         failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-        callbacks=callbacks,
+        callbacks=[FailFastCallback(), *callbacks],
         worker_runtime_env={"env_vars": worker_env()},
         # Ray Train's own INFO lines (worker group set-up, every report) are not actionable.
         logging_config=LoggingConfig(log_level="DEBUG" if _verbose() else "WARNING"),
@@ -336,7 +364,7 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
     ``callbacks`` are extra Train callbacks (Tune's TuneReportCallback); ``check=False`` skips the
     data/storage preflight, which a sweep runs once instead of once per trial.
     """
-    from raytimm.tracking import default_tracking_uri, find_run, make_logger, ray_job_tags, scrub_secrets
+    from raytimm.tracking import default_tracking_uri, make_logger, ray_job_tags, scrub_secrets
 
     run_name = cfg.run.name or runs.default_run_name(cfg.model.name)
     cfg = absolutize_paths(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=run_name)))
@@ -360,20 +388,23 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
     init_ray()
     check_resources(cfg)
 
-    # MLflow: one run per training run name, continued when the same run name comes back.
+    # MLflow: one run per training run name, continued when the same run name comes back. This
+    # process and the controller each hold one sender thread for it (tracking.MlflowLogger).
     mlflow_kwargs = None
     logger = None
     if cfg.mlflow.enabled:
         uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.storage.path)
-        run_id = find_run(uri, cfg.mlflow.experiment, run_name)
         logger = make_logger(enabled=True, tracking_uri=uri, experiment=cfg.mlflow.experiment, run_name=run_name,
-                             run_id=run_id, parent_run_id=mlflow_parent_run_id, timeout_s=cfg.mlflow.timeout_s)
+                             resume_by_name=True, parent_run_id=mlflow_parent_run_id, timeout_s=cfg.mlflow.timeout_s,
+                             cooldown_s=cfg.mlflow.retry_after_s)
         if logger.run_id:
-            mlflow_kwargs = dict(enabled=True, tracking_uri=uri, experiment=cfg.mlflow.experiment, run_name=run_name,
-                                 run_id=logger.run_id, timeout_s=cfg.mlflow.timeout_s)
+            mlflow_kwargs = dict(tracking_uri=uri, run_id=logger.run_id, timeout_s=cfg.mlflow.timeout_s,
+                                 cooldown_s=cfg.mlflow.retry_after_s)
             logger.log_params(scrub_secrets(flatten_config(cfg)))
             logger.set_tags({"raytimm.run_dir": run_dir, **ray_job_tags()})
             logger.log_text(dump_yaml(cfg), "config.yaml")
+            # On the server before any worker starts: a Tune trial's driver may be stopped (killed) early.
+            logger.flush()
         else:
             logger = None  # tracking unreachable: make_logger warned once; train without it
 
@@ -383,24 +414,22 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
     callback = TrackingCallback(run_dir=run_dir, run_name=run_name, scheme=scheme, metric=cfg.checkpoint.metric,
                                 mode=cfg.checkpoint.mode, epochs=cfg.train.epochs, mlflow_kwargs=mlflow_kwargs,
                                 endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
-    trainer = build_trainer(cfg, run_name=run_name, callbacks=[callback, *callbacks], train_loop=train_loop)
+    trainer = build_trainer(cfg, run_name=run_name, callbacks=[callback, _CloseTracking(callback), *callbacks],
+                            train_loop=train_loop)
     try:
         result = trainer.fit()
-        error, message = result.error, f"training run {run_name!r} failed: {result.error}"
-    except Exception as e:  # Ray wraps worker errors; name the run and keep the cause's message
-        error = e.__cause__ or e
-        message = f"training run {run_name!r} failed: {type(error).__name__}: {error}"
+    except Exception as e:
+        error = e
+    else:
+        error = result.error
     if error is not None:
         if logger is not None:
             logger.finish("FAILED")
-        # A bucket outage that outlasted the retries (a worker's upload, or Ray's own files written by
-        # the controller with pyarrow): one line naming the URI; rerunning the command resumes.
-        failed_storage = _storage_failure(_first_failure(error), scheme)
-        line = f"StorageError: {failed_storage}" if failed_storage is not None else _failure_line(error)
+        failure = training_error(run_name, error, scheme=scheme)
+        # A bucket outage that outlasted the retries: the StorageError naming the URI, in progress.json too.
+        line = f"StorageError: {failure}" if isinstance(failure, StorageError) else _failure_line(error)
         _mark_failed(folder, f"training run {run_name!r} failed: {line}")
-        if failed_storage is not None:
-            raise failed_storage from None
-        raise RaytimmError(message) from None
+        raise failure from None
     folder.reload()  # the controller's callback published every epoch since start()
 
     best = runs.best_of(sorted(result.best_checkpoints or [], key=lambda cm: float(cm[1].get("epoch", 0))),
@@ -414,9 +443,8 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
                       latest_checkpoint=latest_uri, mlflow_run_id=logger.run_id if logger else None,
                       epochs=int((result.metrics or {}).get("epoch", 0)))
     if logger is not None:
-        # A fresh logger on the same run knows every (metric, epoch) the controller's thread
-        # logged, so the backfill from the checkpoint history adds only what it had not sent yet.
-        logger = make_logger(**mlflow_kwargs)
+        # The backfill re-reads the server's history first, so it adds only the epochs the
+        # controller could not send (a tracking outage), each once.
         _log_final_artifacts(logger, best_uri, out)
         logger.finish("FINISHED")
     folder.latest_checkpoint = latest_uri or folder.latest_checkpoint
@@ -424,29 +452,43 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
     return out
 
 
-def _first_failure(error: BaseException) -> BaseException:
-    """The first failed worker's own error, or the controller's, not Ray's multi-line wrapper."""
-    failures = getattr(error, "worker_failures", None) or {}
-    if failures:
-        return failures[min(failures)]
-    return getattr(error, "controller_failure", None) or error
+def _first_failure(error: BaseException) -> tuple[Optional[int], BaseException]:
+    """The error that failed the run and its worker rank: the lowest failed rank's own error, the
+    worker error FailFastCallback carried, or the cause of Ray's wrapper (rank None)."""
+    from ray.train import ControllerError, WorkerGroupError
+
+    if not isinstance(error, (ControllerError, WorkerGroupError)):
+        error = error.__cause__ or error  # Ray may wrap them once more
+    if isinstance(error, WorkerGroupError) and error.worker_failures:
+        return min(error.worker_failures.items())
+    if isinstance(error, ControllerError):
+        return None, error.controller_failure
+    return None, error
 
 
-def _storage_failure(error: BaseException, scheme: str) -> Optional[StorageError]:
-    """``error`` as a StorageError naming the URI when it is one (or pyarrow's S3 error), else None."""
-    if isinstance(error, StorageError):
-        return error
-    if scheme not in ("s3", "r2"):
-        return None
-    from raytimm.storage.arrowfs import arrow_storage_error
+def training_error(run_name: str, error: BaseException, *, scheme: str = "file") -> RaytimmError:
+    """One line for a failed run: a worker's raytimm error as it was raised (e.g. a StorageError
+    that outlasted run.max_failures restarts), pyarrow's S3 error from Ray Train's own files as a
+    StorageError naming the URI (``scheme``: storage.path's), else the first failure named."""
+    rank, cause = _first_failure(error)
+    if isinstance(cause, RaytimmError):
+        return cause
+    if scheme in ("s3", "r2"):  # the controller writes checkpoint_manager_snapshot.json & co. with pyarrow
+        from raytimm.storage.arrowfs import arrow_storage_error
 
-    return arrow_storage_error(error, scheme)
+        failed_storage = arrow_storage_error(cause, scheme)
+        if failed_storage is not None:
+            return failed_storage
+    if rank is None:
+        return RaytimmError(f"training run {run_name!r} failed: {type(cause).__name__}: {runs.error_line(cause)}")
+    return RaytimmError(f"training run {run_name!r} failed on worker rank {rank}: {type(cause).__name__}: "
+                        f"{runs.error_line(cause)} (see the worker log above)")
 
 
 def _failure_line(error: BaseException) -> str:
     """What went wrong in one line: the first failed worker's own error, not Ray's multi-line wrapper."""
-    error = _first_failure(error)
-    return f"{type(error).__name__}: {runs.error_line(error)}"
+    _, cause = _first_failure(error)
+    return f"{type(cause).__name__}: {runs.error_line(cause)}"
 
 
 def _mark_failed(folder: runs.RunFolder, message: str) -> None:
@@ -461,7 +503,7 @@ def _mark_failed(folder: runs.RunFolder, message: str) -> None:
 
 def _log_final_artifacts(logger, best_uri: Optional[str], out: TrainResult) -> None:
     """Backfilled epoch metrics; tags with checkpoint URIs; classes.txt, the best epoch's confusion
-    matrix and per-class CSV, and the loss/accuracy curves of the whole run."""
+    matrix and per-class CSV (multi-label: the per-label CSV), and the loss/accuracy curves of the whole run."""
     from raytimm import plots
     from raytimm.checkpoint import load_meta
 
@@ -475,9 +517,7 @@ def _log_final_artifacts(logger, best_uri: Optional[str], out: TrainResult) -> N
         log.warning("could not read checkpoint metadata for MLflow artifacts: %s", e)
         return
     history = latest.get("history") or []
-    for h in history:
-        if "epoch" in h:
-            logger.log_metrics({k: float(v) for k, v in h.items() if isinstance(v, (int, float))}, step=int(h["epoch"]))
+    logger.backfill(history)
     with tempfile.TemporaryDirectory() as tmp:
         names = best.get("class_names") or latest.get("class_names") or []
         p = os.path.join(tmp, "classes.txt")
@@ -485,7 +525,11 @@ def _log_final_artifacts(logger, best_uri: Optional[str], out: TrainResult) -> N
             f.write("\n".join(names) + "\n")
         logger.log_artifact(p)
         cm = best.get("confusion_matrix")
-        if cm:
+        if best.get("multi_label") and best.get("per_class"):
+            csv = os.path.join(tmp, "per_class.csv")
+            plots.per_label_csv(best["per_class"], csv)
+            logger.log_artifact(csv)
+        elif cm:
             png, csv = os.path.join(tmp, "confusion_matrix.png"), os.path.join(tmp, "per_class.csv")
             plots.confusion_matrix_png(cm, names, png, title=f"best epoch {best.get('epoch')}")
             plots.per_class_csv(cm, names, csv)

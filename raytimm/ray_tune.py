@@ -225,6 +225,9 @@ def _close_child(t: TrialSummary, cfg: Config, tracking_uri: str) -> None:
                         run_name=None, run_id=run_id, timeout_s=cfg.mlflow.timeout_s,
                         tags={"raytimm.tune_status": t.status, "raytimm.trial_id": t.trial_id,
                               "raytimm.best_checkpoint": t.checkpoint or ""})
+    # The swept values again: a driver stopped early (or whose sends timed out) may never have sent its
+    # params, and they are what a user compares trials by. Values already on the server are not resent.
+    child.log_params(t.config)
     for row in t.history:
         if "epoch" in row:
             child.log_metrics(row, step=int(row["epoch"]))

@@ -424,7 +424,8 @@ class RunFolder:
 def format_progress(p: Mapping) -> str:
     """A few lines for a terminal (``raytimm status``): state, epoch, latest and best metrics, checkpoints."""
     def metrics_line(m: Optional[Mapping]) -> str:
-        keys = [k for k in ("val/top1", "val/top5", "val/loss", "train/loss", "train/top1") if k in (m or {})]
+        keys = [k for k in ("val/top1", "val/top5", "val/balanced_acc", "val/mAP", "val/f1_micro", "val/f1_macro",
+                            "val/loss", "train/loss", "train/top1") if k in (m or {})]
         return "  ".join(f"{k} {m[k]:.4g}" if isinstance(m[k], (int, float)) else f"{k} -" for k in keys) or "-"
 
     epochs = p.get("epochs") or 0

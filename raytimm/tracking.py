@@ -1,8 +1,9 @@
 """MLflow tracking for rank 0 or the driver, and a null logger for everyone else.
 
-This is the only module that imports mlflow. Tracking must never kill or stall training: every
-MLflow call is bounded in time and guarded, and after a failure the logger warns once and skips
-calls for a cooldown instead of raising. Params never contain secrets (see ``scrub_secrets``).
+This is the only module that imports mlflow. Tracking must never kill or stall training: a run's
+MLflow calls are made by one sender thread (tracking_sender.py), so logging never waits on the
+server; after a failure the sender warns once, pauses for a cooldown and later sends what was
+missed, exactly once. Params never contain secrets (see ``scrub_secrets``).
 """
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 from raytimm import storage
 # scrub_secrets/redact_uri are shared with checkpoint.py (meta.json); re-exported for callers here.
 from raytimm.secrets import redact_uri, scrub_secrets  # noqa: F401
+from raytimm.tracking_sender import Sender
 
 log = logging.getLogger("raytimm.tracking")
 
@@ -56,6 +59,8 @@ class MetricLogger(Protocol):
 
     def log_text(self, text: str, artifact_file: str) -> None: ...
 
+    def backfill(self, history: list[Mapping[str, Any]]) -> None: ...
+
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -79,6 +84,9 @@ class NullLogger:
         pass
 
     def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def backfill(self, history: list[Mapping[str, Any]]) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -145,11 +153,11 @@ def configure_http_timeouts(timeout_s: float) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 
-def call_with_timeout(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
+def _bounded_call(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
     """Run ``fn`` in a daemon thread and wait at most ``timeout_s``; raise TimeoutError after.
 
-    A daemon thread (not an executor) so a hung request can never block interpreter exit.
-    The abandoned call may still finish in the background; its result is dropped.
+    Only for one-off lookups (``find_run``); a run's own calls go through its sender thread.
+    A daemon thread so a hung request can never block interpreter exit; its late result is dropped.
     """
     box: dict[str, Any] = {}
 
@@ -268,12 +276,62 @@ def _get_or_create_experiment(client, name: str, artifact_location: str | None) 
         return experiment.experiment_id
 
 
+class _MlflowSink:
+    """The MLflow calls of one run (tracking_sender.Sink); only the sender's thread makes them."""
+
+    def __init__(self, client, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def sync(self) -> tuple[dict[str, str], set[tuple[str, int]]]:
+        run = self.client.get_run(self.run_id)
+        steps = set()
+        for key in run.data.metrics:
+            steps.update((key, int(m.step)) for m in self.client.get_metric_history(self.run_id, key))
+        return dict(run.data.params), steps
+
+    def send_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
+
+    def send_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, v) for k, v in tags.items()]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=items[start:start + MAX_PARAMS_PER_BATCH])
+
+    def send_metrics(self, metrics: list[tuple[str, float, int, int]]) -> None:
+        from mlflow.entities import Metric
+
+        items = [Metric(k, v, ts, step) for k, v, ts, step in metrics]
+        for start in range(0, len(items), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[start:start + MAX_METRICS_PER_BATCH])
+
+    def send_file(self, kind: str, payload: str, target: str | None) -> None:
+        if kind == "text":
+            self.client.log_text(self.run_id, payload, target)
+        elif kind == "folder":
+            self.client.log_artifacts(self.run_id, payload, target)
+        else:
+            self.client.log_artifact(self.run_id, payload, target)
+
+    def send_status(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
 class MlflowLogger:
     """MetricLogger backed by an explicit ``MlflowClient`` (no fluent global run: Tune runs many).
 
-    Construction talks to the server and raises on failure (``make_logger`` turns that into a
-    NullLogger). After construction no MLflow failure raises: a failure logs one warning and the logger
-    skips calls for ``cooldown_s``; no call waits longer than about ``timeout_s``.
+    Construction opens (or creates) the run and raises on failure (``make_logger`` turns that into
+    a NullLogger), except with ``wait=False``, which attaches to ``run_id`` in the background. After
+    that no method waits on the server: data goes to one sender thread (tracking_sender.Sender),
+    which stops calling for ``cooldown_s`` after a failure and sends what was missed when the server
+    answers again. ``finish`` waits for the sender while its calls keep completing: a dead or hung
+    server costs it at most one call timeout (``timeout_s + 2``), a busy one at most 10 of them.
     """
 
     def __init__(
@@ -287,34 +345,39 @@ class MlflowLogger:
         tags: Mapping[str, Any] | None = None,
         timeout_s: float = 10.0,
         cooldown_s: float = DEFAULT_COOLDOWN_S,
+        resume_by_name: bool = False,
+        wait: bool = True,
     ) -> None:
         configure_http_timeouts(timeout_s)
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.timeout_s = float(timeout_s)
-        self.cooldown_s = float(cooldown_s)
         self._call_timeout_s = _call_timeout(tracking_uri, self.timeout_s)
-        self._skip_until = 0.0
         self._finished = False
-        self._logged_params: dict[str, str] = {}
-        self._logged_steps: set[tuple[str, int]] = set()
-        self._client = None
-        self._run_id: str | None = None
+        self._staging: str | None = None
+        self._run_id: str | None = run_id
         self.experiment_id: str | None = None
-        call_with_timeout(
-            lambda: self._open(run_name, run_id, parent_run_id, tags or {}),
-            self._call_timeout_s,
-            "open",
-        )
+        self._sink = _MlflowSink(None, run_id)
+        self._sender = Sender(self._sink, where=redact_uri(tracking_uri), cooldown_s=cooldown_s,
+                              describe=_error_summary)
+        if not wait:
+            if run_id is None:
+                raise ValueError("MlflowLogger(wait=False) attaches to an existing run: give run_id")
+            self._sink.client = _client(tracking_uri)
+            self._sender.start()
+            return
+        self._sender.start(lambda: self._open(run_name, run_id, parent_run_id, tags or {}, resume_by_name),
+                           self._call_timeout_s)
 
-    # -- setup (may raise) ------------------------------------------------------------
+    # -- setup (on the sender thread; may raise) --------------------------------------
 
-    def _open(self, run_name, run_id, parent_run_id, tags: Mapping[str, Any]) -> None:
+    def _open(self, run_name, run_id, parent_run_id, tags: Mapping[str, Any], resume_by_name: bool) -> None:
         client = _client(self.tracking_uri)
+        if run_id is None and resume_by_name and run_name:
+            run_id = _find_run(client, self.experiment, run_name)
         if run_id is not None:
             run = client.get_run(run_id)
             self.experiment_id = run.info.experiment_id
-            self._load_history(client, run)
             if run.info.status != "RUNNING":
                 # A resumed run continues the same MLflow run, so it is running again.
                 client.update_run(run_id, status="RUNNING")
@@ -325,157 +388,119 @@ class MlflowLogger:
             run_tags = {PARENT_RUN_TAG: parent_run_id} if parent_run_id else {}
             run = client.create_run(self.experiment_id, run_name=run_name, tags=run_tags)
             run_id = run.info.run_id
-        self._client = client
-        self._run_id = run_id
+        self._sink.client, self._sink.run_id, self._run_id = client, run_id, run_id
+        self._sender.mark_synced(*(self._sink.sync() if run.data.metrics or run.data.params else ({}, set())))
         if parent_run_id and run.data.tags.get(PARENT_RUN_TAG) != parent_run_id:
             client.set_tag(run_id, PARENT_RUN_TAG, parent_run_id)
         if tags:
-            self._set_tags_now(tags)
+            self.set_tags(tags)
 
-    def _load_history(self, client, run) -> None:
-        """Remember params and (metric, step) pairs already in a resumed run, to skip them."""
-        self._logged_params = dict(run.data.params)
-        for key in run.data.metrics:
-            for metric in client.get_metric_history(run.info.run_id, key):
-                self._logged_steps.add((key, int(metric.step)))
-
-    # -- guarded execution ------------------------------------------------------------
+    # -- MetricLogger -----------------------------------------------------------------
 
     @property
     def run_id(self) -> str | None:
         return self._run_id
 
-    @property
-    def healthy(self) -> bool:
-        """False while calls are being skipped after a failure."""
-        return time.monotonic() >= self._skip_until and not self._finished
-
-    def _guard(self, what: str, fn: Callable[[], Any], *, force: bool = False) -> bool:
-        """Run one MLflow call bounded and guarded; True if it succeeded.
-
-        ``force`` ignores the cooldown (used once, for the final status).
-        """
-        if self._finished or (time.monotonic() < self._skip_until and not force):
-            log.debug("MLflow %s skipped (cooling down after a failure or finished)", what)
-            return False
-        try:
-            call_with_timeout(fn, self._call_timeout_s, what)
-            return True
-        except Exception as exc:  # noqa: BLE001 - tracking never kills training
-            self._skip_until = time.monotonic() + self.cooldown_s
-            consequence = (
-                "run status not recorded" if force
-                else f"training continues, MLflow calls skipped for {self.cooldown_s:.0f}s"
-            )
-            log.warning(
-                "MLflow %s to %s failed (%s); %s",
-                what, redact_uri(self.tracking_uri), _error_summary(exc), consequence,
-            )
-            return False
-
-    # -- MetricLogger -----------------------------------------------------------------
-
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params (nested dicts flattened, secrets dropped); re-logging same values is a no-op."""
-        flat = flatten_params(scrub_secrets(params))
-        new: dict[str, str] = {}
-        changed: list[str] = []
-        for key, value in flat.items():
-            key = sanitize_key(key)
-            value = _truncate(value, MAX_PARAM_VALUE_LEN)
-            if key in self._logged_params:
-                # MLflow rejects a changed value for a logged param; keep the first one.
-                if self._logged_params[key] != value:
-                    changed.append(key)
-                continue
-            new[key] = value
+        if self._finished:
+            return
+        flat = {sanitize_key(k): _truncate(v, MAX_PARAM_VALUE_LEN)
+                for k, v in flatten_params(scrub_secrets(params)).items()}
+        # MLflow rejects a changed value for a logged param; the first one is kept.
+        changed = self._sender.add_params(flat)
         if changed:
             log.warning(
                 "MLflow params already logged with other values, kept the old ones: %s",
                 ", ".join(sorted(changed)[:10]),
             )
-        if not new:
-            return
-
-        def call() -> None:
-            from mlflow.entities import Param
-
-            items = [Param(k, v) for k, v in new.items()]
-            for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
-                self._client.log_batch(self._run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
-
-        if self._guard("log_params", call):
-            self._logged_params.update(new)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log numeric metrics at ``step`` (the epoch); a (key, step) already logged is skipped."""
-        step = int(step)
+        if self._finished:
+            return
         fresh: dict[str, float] = {}
         for key, value in metrics.items():
-            key = sanitize_key(key)
-            if (key, step) in self._logged_steps:
-                continue
             try:
-                fresh[key] = float(value)
+                fresh[sanitize_key(key)] = float(value)
             except (TypeError, ValueError):
                 log.debug("metric %s=%r is not a number; not logged", key, value)
-        if not fresh:
+        if fresh:
+            self._sender.add_metrics(fresh, int(step))
+
+    def backfill(self, history: list[Mapping[str, Any]]) -> None:
+        """Log each epoch of ``history`` that the server does not hold yet (re-reads the server first)."""
+        if self._finished:
             return
-
-        def call() -> None:
-            from mlflow.entities import Metric
-
-            now_ms = int(time.time() * 1000)
-            items = [Metric(k, v, now_ms, step) for k, v in fresh.items()]
-            for start in range(0, len(items), MAX_METRICS_PER_BATCH):
-                self._client.log_batch(self._run_id, metrics=items[start:start + MAX_METRICS_PER_BATCH])
-
-        if self._guard("log_metrics", call):
-            self._logged_steps.update((k, step) for k in fresh)
-
-    def _set_tags_now(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [
-            RunTag(sanitize_key(k), _truncate(str(v), MAX_TAG_VALUE_LEN))
-            for k, v in scrub_secrets(tags).items()
-            if v is not None
-        ]
-        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self._client.log_batch(self._run_id, tags=items[start:start + MAX_PARAMS_PER_BATCH])
+        self._sender.resync()
+        for row in history:
+            if "epoch" in row:
+                self.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=int(row["epoch"]))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (e.g. checkpoint URIs); later values overwrite earlier ones."""
-        if tags:
-            self._guard("set_tags", lambda: self._set_tags_now(tags))
+        if self._finished or not tags:
+            return
+        self._sender.add_tags({sanitize_key(k): _truncate(str(v), MAX_TAG_VALUE_LEN)
+                               for k, v in scrub_secrets(tags).items() if v is not None})
 
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        """Upload a file, or a folder's contents, under ``artifact_path`` of the run."""
+        """Upload a file, or a folder's contents, under ``artifact_path`` of the run.
+
+        A copy is queued, so the caller may delete its file as soon as this returns.
+        """
+        if self._finished:
+            return
         path = Path(local_path)
-        if path.is_dir():
-            self._guard(
-                "log_artifact",
-                lambda: self._client.log_artifacts(self._run_id, str(path), artifact_path),
-            )
-        else:
-            self._guard(
-                "log_artifact",
-                lambda: self._client.log_artifact(self._run_id, str(path), artifact_path),
-            )
+        if self._staging is None:
+            self._staging = tempfile.mkdtemp(prefix="raytimm-mlflow-")
+        slot = tempfile.mkdtemp(dir=self._staging)
+        try:
+            if path.is_dir():
+                shutil.copytree(path, slot, dirs_exist_ok=True)
+                self._sender.add_file("folder", slot, artifact_path, cleanup=slot)
+            else:
+                copy = shutil.copy2(path, os.path.join(slot, path.name))
+                self._sender.add_file("file", copy, artifact_path, cleanup=slot)
+        except OSError as exc:
+            shutil.rmtree(slot, ignore_errors=True)
+            log.warning("MLflow artifact %s not logged: %s", path, exc)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Store ``text`` as the artifact file ``artifact_file`` (e.g. ``reports/data.txt``)."""
-        self._guard("log_text", lambda: self._client.log_text(self._run_id, text, artifact_file))
+        if not self._finished:
+            self._sender.add_file("text", text, artifact_file)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything queued was sent; False after a failed attempt, or when no call completes
+        within ``timeout_s`` (default: the call timeout, ``timeout_s + 2`` for a server)."""
+        return self._sender.flush(self._call_timeout_s if timeout_s is None else timeout_s)
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Flush (bounded), then stop the sender; the run's status is left as it is."""
+        if self._finished:
+            return
+        self._finished = True
+        self._end(self.flush(timeout_s))
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Mark the run terminated with ``status``; later calls on this logger do nothing."""
+        """Send what is queued, mark the run terminated with ``status``; later calls do nothing."""
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"finish(status={status!r}): expected one of {TERMINAL_STATUSES}")
         if self._finished:
             return
-        self._guard("finish", lambda: self._client.set_terminated(self._run_id, status=status),
-                    force=True)
         self._finished = True
+        self._sender.set_status(status)
+        self._end(self.flush())
+
+    def _end(self, sent: bool) -> None:
+        if not sent:
+            log.warning("MLflow at %s: not recorded: %s", redact_uri(self.tracking_uri),
+                        self._sender.pending_summary() or "the last call")
+        self._sender.stop()
+        self._sender.discard_pending()
+        if self._staging:
+            shutil.rmtree(self._staging, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- factories
@@ -491,12 +516,15 @@ def make_logger(
     parent_run_id: str | None = None,
     tags: Mapping[str, Any] | None = None,
     timeout_s: float = 10.0,
+    cooldown_s: float = DEFAULT_COOLDOWN_S,
+    resume_by_name: bool = False,
     storage_path: str | os.PathLike | None = "./runs",
 ) -> MetricLogger:
     """An MlflowLogger, or a NullLogger (with one warning) when disabled or unreachable.
 
     ``tracking_uri=None`` means ``default_tracking_uri(storage_path)``. Ray job ids are added
-    as tags automatically; explicit ``tags`` win.
+    as tags automatically; explicit ``tags`` win. ``resume_by_name`` continues the newest run
+    called ``run_name`` when there is one (the lookup is part of opening the run).
     """
     if not enabled:
         return NullLogger()
@@ -505,7 +533,7 @@ def make_logger(
     try:
         return MlflowLogger(
             uri, experiment, run_name, run_id=run_id, parent_run_id=parent_run_id,
-            tags=all_tags, timeout_s=timeout_s,
+            tags=all_tags, timeout_s=timeout_s, cooldown_s=cooldown_s, resume_by_name=resume_by_name,
         )
     except Exception as exc:  # noqa: BLE001 - tracking never kills training
         log.warning(
@@ -515,26 +543,33 @@ def make_logger(
         return NullLogger()
 
 
+def attach_logger(tracking_uri: str, run_id: str, *, timeout_s: float = 10.0,
+                  cooldown_s: float = DEFAULT_COOLDOWN_S) -> MlflowLogger:
+    """A logger for a run another process opened; it never waits on the server, not even here."""
+    return MlflowLogger(tracking_uri, "", None, run_id=run_id, timeout_s=timeout_s, cooldown_s=cooldown_s,
+                        wait=False)
+
+
+def _find_run(client, experiment: str, run_name: str) -> str | None:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    quoted = run_name.replace("\\", "\\\\").replace("'", "\\'")
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"attributes.run_name = '{quoted}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
 def find_run(tracking_uri: str, experiment: str, run_name: str, *, timeout_s: float = 10.0) -> str | None:
     """Id of the newest run called ``run_name`` in ``experiment``, or None (also when unreachable)."""
     configure_http_timeouts(timeout_s)
-
-    def search() -> str | None:
-        client = _client(tracking_uri)
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            return None
-        quoted = run_name.replace("\\", "\\\\").replace("'", "\\'")
-        runs = client.search_runs(
-            [found.experiment_id],
-            filter_string=f"attributes.run_name = '{quoted}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        return runs[0].info.run_id if runs else None
-
     try:
-        return call_with_timeout(search, _call_timeout(tracking_uri, timeout_s), "find_run")
+        return _bounded_call(lambda: _find_run(_client(tracking_uri), experiment, run_name),
+                             _call_timeout(tracking_uri, timeout_s), "find_run")
     except Exception as exc:  # noqa: BLE001
         log.warning(
             "MLflow run lookup %r at %s failed (%s); starting a new run",

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from tests.helpers_net import free_port
 
@@ -39,11 +39,13 @@ def stop_session(sid: int) -> None:
             time.sleep(0.5)
 
 
-def _head_command(num_cpus: int, temp: Path) -> tuple[str, str, dict, list[str]]:
-    """(GCS address, dashboard URL, environment, `ray start --head --block ...`) on free loopback ports."""
+def _head_command(num_cpus: int, temp: Path, unset_env: Iterable[str] = ()) -> tuple[str, str, dict, list[str]]:
+    """(GCS address, dashboard URL, environment, `ray start --head --block ...`) on free loopback ports;
+    the environment is this process's without the ``unset_env`` variables."""
     gcs, dashboard = free_port(), free_port()
     address = f"127.0.0.1:{gcs}"
-    env = {**os.environ, "RAY_ADDRESS": address, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    env = {k: v for k, v in os.environ.items() if k not in set(unset_env)}
+    env.update(RAY_ADDRESS=address, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
            "--num-cpus", str(num_cpus), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
            "--dashboard-port", str(dashboard), "--ray-client-server-port", str(free_port()),
@@ -78,17 +80,26 @@ def ray_head_process(num_cpus: int, temp_dir: str | os.PathLike,
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus: int, temp_dir: str | os.PathLike, connect_timeout_s: float = 120.0) -> Iterator[str]:
+def ray_head(num_cpus: int, temp_dir: str | os.PathLike, connect_timeout_s: float = 120.0,
+             unset_env: Iterable[str] = ()) -> Iterator[str]:
     """A Ray head on 127.0.0.1 with the dashboard; yields its GCS address with this process connected.
 
     RAY_ADDRESS and RAY_AUTH_MODE=token are set in os.environ while it runs (restored after).
+    ``unset_env`` names variables the head (and so its workers) must not inherit from this process,
+    as on a cluster started elsewhere.
     """
     temp = Path(temp_dir)
-    address, _, env, cmd = _head_command(num_cpus, temp)
+    address, _, env, cmd = _head_command(num_cpus, temp, unset_env=unset_env)
     log = open(temp / "head.log", "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     os.environ.update(RAY_ADDRESS=address, RAY_AUTH_MODE="token")
+    if "ray" in sys.modules:
+        # Ray reads RAY_AUTH_MODE into its config when it is imported; one imported earlier in this
+        # process without it would connect without the token ("InvalidAuthToken"). Reread it.
+        from ray._private.authentication_test_utils import reset_auth_token_state
+
+        reset_auth_token_state()
     try:
         import ray
 

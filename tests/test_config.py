@@ -207,3 +207,49 @@ def test_yaml_booleans_map_back_to_string_choices():
     assert cfg.train.amp == "off" and cfg.train.channels_last == "true"
     cfg = load_config(None, ["train.channels_last=false"])
     assert cfg.train.channels_last == "false"
+
+
+# ------------------------------------------------------------------ multi-label and imbalance keys
+
+ML = ["data.format=manifest", "data.multi_label=true"]
+
+
+def test_multi_label_defaults_rank_by_map_and_keys_validate():
+    cfg = apply_overrides(Config(), ML + ["train.pos_weight=auto", "train.calibrate_thresholds=true"])
+    assert cfg.checkpoint.metric == "val/mAP" and cfg.tune.metric == "val/mAP" and cfg.checkpoint.mode == "max"
+    assert cfg.train.pos_weight == "auto" and cfg.train.calibrate_thresholds
+    again = config_from_dict(config_to_dict(cfg))  # the round trip keeps it
+    assert again.checkpoint.metric == "val/mAP"
+    assert apply_overrides(Config(), ML + ["checkpoint.metric=val/f1_macro"]).checkpoint.metric == "val/f1_macro"
+    assert apply_overrides(Config(), ["data.format=dice", "data.multi_label=true"]).data.multi_label
+    single = apply_overrides(Config(), ["data.balance=sampler", "checkpoint.metric=val/balanced_acc"])
+    assert single.data.balance == "sampler" and single.checkpoint.metric == "val/balanced_acc"
+    assert apply_overrides(Config(), ["data.balance=none"]).data.balance == "none"  # YAML keeps `none` a string
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["data.multi_label=true"], "data.multi_label=true needs data.format=manifest or dice"),
+    (ML + ["data.balance=sampler"], "data.balance='sampler' is for single-label data"),
+    (ML + ["checkpoint.metric=val/top5"], "checkpoint.metric='val/top5' is a single-label metric"),
+    (ML + ["tune.metric=val/balanced_acc"], "tune.metric='val/balanced_acc' is a single-label metric"),
+    (["checkpoint.metric=val/mAP"], "checkpoint.metric='val/mAP' is a multi-label metric"),
+    (["tune.metric=val/f1_micro"], "tune.metric='val/f1_micro' is a multi-label metric"),
+    (["train.pos_weight=auto"], "train.pos_weight='auto' needs data.multi_label=true"),
+    (["train.calibrate_thresholds=true"], "train.calibrate_thresholds=true needs data.multi_label=true"),
+    (["data.balance=loss", "train.mixup=0.2"], "data.balance='loss' cannot be combined with train.mixup"),
+    (["data.balance=both"], "data.balance='both' is not allowed"),
+    (["train.pos_weight=7"], "train.pos_weight=7 is not allowed"),
+    (["data.format=csv"], "data.format='csv' is not allowed"),
+    (["checkpoint.metric=val/map"], "checkpoint.metric='val/map' is out of range"),
+])
+def test_task_key_errors_name_the_keys(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(Config(), overrides)
+    assert needle in str(e.value)
+
+
+def test_config_keys_lists_the_new_keys():
+    r = _cli("config-keys")
+    for key in ("data.multi_label", "data.balance", "train.pos_weight", "train.calibrate_thresholds"):
+        assert key in r.stdout
+    assert "manifest" in field_docs()["data.format"]

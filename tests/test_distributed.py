@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from raytimm import distributed as du
 from raytimm.data.loaders import UnpaddedDistributedSampler
-from raytimm.engine import evaluate
+from raytimm.engine import evaluate, evaluate_multilabel
 
 from tests.helpers_net import free_port
 
@@ -24,6 +24,14 @@ def _val_set() -> TensorDataset:
     images = torch.randn(NUM_VAL, 3, 32, 32, generator=g)
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 1])
     return TensorDataset(images, labels)
+
+
+def _multilabel_val_set() -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(NUM_VAL, 3, 32, 32, generator=g)
+    targets = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 1], [1, 1, 1]],
+                           dtype=torch.float32)
+    return TensorDataset(images, targets)
 
 
 def _model() -> torch.nn.Module:
@@ -43,6 +51,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         # batch 3: rank 0 holds 4 images (2 batches), rank 1 holds 3 (1 batch) -> different batch counts.
         loader = DataLoader(ds, batch_size=3, sampler=UnpaddedDistributedSampler(ds, world, rank))
         result["exact"] = evaluate(model, loader, torch.device("cpu"), num_classes=NUM_CLASSES)
+        ml = _multilabel_val_set()
+        ml_loader = DataLoader(ml, batch_size=3, sampler=UnpaddedDistributedSampler(ml, world, rank))
+        result["multilabel"] = evaluate_multilabel(model, ml_loader, torch.device("cpu"), class_names=list("abc"))
+        result["calibrated"] = evaluate_multilabel(model, ml_loader, torch.device("cpu"), class_names=list("abc"),
+                                                   calibrate=True)
         padded = DataLoader(ds, batch_size=3, sampler=DistributedSampler(ds, world, rank, shuffle=False))
         result["padded_count"] = evaluate(model, padded, torch.device("cpu"), num_classes=NUM_CLASSES)["num_samples"]
 
@@ -86,13 +99,21 @@ def _fit_worker(rank: int, world: int, port: int, data_root: str, out_dir: str) 
             "run": {"name": "ddp"},
             "mlflow": {"enabled": False},
         })
-        saved = {}
+        # With EMA on, the validated and saved model is the EMA copy: keep a handle on it to compare ranks.
+        import timm.utils
 
-        def on_epoch_end(info):
-            saved["state"] = {k: v.clone() for k, v in info.model.state_dict().items()}
+        emas = []
 
-        result = fit(cfg, num_threads=1, on_epoch_end=on_epoch_end)
-        torch.save({"state": saved["state"], "history": result.history, "cm": result.confusion_matrix,
+        class RecordedEma(timm.utils.ModelEmaV3):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                emas.append(self)
+
+        timm.utils.ModelEmaV3 = RecordedEma  # this spawned process only
+        result = fit(cfg, num_threads=1)
+        (ema,) = emas
+        state = {k: v.clone() for k, v in ema.module.state_dict().items()}
+        torch.save({"state": state, "history": result.history, "cm": result.confusion_matrix,
                     "best_checkpoint": result.best_checkpoint}, os.path.join(out_dir, f"fit{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -156,6 +177,22 @@ def test_evaluate_is_exact_across_two_ranks(two_rank_results):
         assert sum(map(sum, ex["confusion_matrix"])) == NUM_VAL
         # The naive sampler pads to 8 images: the reason for UnpaddedDistributedSampler.
         assert r["padded_count"] == NUM_VAL + 1
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_multilabel_evaluate_on_two_ranks_equals_one_process(two_rank_results, calibrate):
+    # Gathered scores: every val image once (7 images, an odd count) and the same numbers on both ranks.
+    single = evaluate_multilabel(_model(), DataLoader(_multilabel_val_set(), batch_size=3), torch.device("cpu"),
+                                 class_names=list("abc"), calibrate=calibrate)
+    key = "calibrated" if calibrate else "multilabel"
+    r0, r1 = (r[key] for r in two_rank_results)
+    assert r0 == r1  # identical on every rank, thresholds included
+    assert r0["num_samples"] == single["num_samples"] == NUM_VAL
+    for k in ("mAP", "f1_micro", "f1_macro"):
+        assert r0[k] == pytest.approx(single[k], abs=1e-9), k
+    assert r0["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    assert r0["thresholds"] == pytest.approx(single["thresholds"], abs=1e-6)
+    assert [row["support"] for row in r0["per_class"]] == [4, 4, 4]
 
 
 def test_unpadded_sampler_is_kept_by_ray_prepare_data_loader():

@@ -2,9 +2,12 @@
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ import torch
 from raytimm import checkpoint as ckpt
 from raytimm.config import config_from_dict
 from raytimm.engine import evaluate, fit
-from raytimm.metrics import METRIC_KEYS
+from raytimm.metrics import SINGLE_LABEL_KEYS
 from raytimm.model import build_model
 
 CLASSES = 3
@@ -69,7 +72,7 @@ def test_fit_metrics_and_result(two_epochs):
     assert result.last_epoch == 2 and not result.stopped_early
     assert [h["epoch"] for h in result.history] == [1, 2]
     for h in result.history:
-        assert set(h) == set(METRIC_KEYS)
+        assert set(h) == set(SINGLE_LABEL_KEYS)
         assert all(math.isfinite(float(v)) for v in h.values())
         for k in ("train/top1", "val/top1", "val/top5"):
             assert 0.0 <= h[k] <= 100.0
@@ -125,22 +128,24 @@ def test_evaluate_checkpoint_reproduces_val_metrics(two_epochs, demo_root):
     assert got["per_class"] == {p["class"]: p["top1"] for p in result.per_class}
 
 
-def test_resume_adds_epochs(demo_root, tmp_path):
+def epochs_run(out: str) -> list[int]:
+    """The epochs whose summary line fit printed (one per epoch it trained, on rank 0)."""
+    return [int(m) for m in re.findall(r"^epoch (\d+)/\d+  train/loss", out, flags=re.M)]
+
+
+def test_resume_adds_epochs(demo_root, tmp_path, capsys):
     first = fit(make_cfg(demo_root, tmp_path, epochs=1))
     assert [h["epoch"] for h in first.history] == [1]
-    ran = []
-    resumed = fit(make_cfg(demo_root, tmp_path, epochs=2), resume_state_dir=str(tmp_path / "run" / "checkpoint_000001"),
-                  on_epoch_end=lambda info: ran.append(info.epoch))
-    assert ran == [2]  # only the added epoch runs
+    capsys.readouterr()
+    resumed = fit(make_cfg(demo_root, tmp_path, epochs=2), resume_state_dir=str(tmp_path / "run" / "checkpoint_000001"))
+    assert epochs_run(capsys.readouterr().out) == [2]  # only the added epoch runs
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     assert resumed.history[0] == first.history[0]
     assert ckpt.load_train_state(tmp_path / "run" / "checkpoint_000002")["epoch"] == 2
 
     # Resuming a finished run trains nothing and returns its stored result.
-    ran.clear()
-    again = fit(make_cfg(demo_root, tmp_path, epochs=2), resume_state_dir=str(tmp_path / "run" / "checkpoint_000002"),
-                on_epoch_end=lambda info: ran.append(info.epoch))
-    assert ran == [] and again.last_epoch == 2 and len(again.history) == 2
+    again = fit(make_cfg(demo_root, tmp_path, epochs=2), resume_state_dir=str(tmp_path / "run" / "checkpoint_000002"))
+    assert epochs_run(capsys.readouterr().out) == [] and again.last_epoch == 2 and len(again.history) == 2
 
 
 def test_resume_matches_uninterrupted_run(two_epochs, demo_root, tmp_path):
@@ -218,23 +223,30 @@ def test_early_stopping_on_patience(demo_root, tmp_path):
     assert runs.completed(str(tmp_path / "run"), epochs=6, patience=3) is None
 
 
-def test_a_tie_for_best_names_the_later_checkpoint_everywhere(demo_root, tmp_path):
+def test_a_tie_for_best_names_the_later_checkpoint_everywhere(demo_root, tmp_path, monkeypatch, capsys):
     """The *best mark, meta.best_epoch, the `best` pointer, FitResult and progress.json agree on a tie."""
+    from raytimm import runs
+
     run_dir = tmp_path / "run"
     seen = []
+    publish = runs.LocalReporter.__call__
 
-    def snapshot(info):  # progress.json as it stands right after each epoch was reported
-        seen.append((info.epoch, info.is_best, json.loads((run_dir / "progress.json").read_text())))
+    def publish_then_snapshot(self, metrics, checkpoint_dir):  # progress.json right after each epoch's report
+        publish(self, metrics, checkpoint_dir)
+        seen.append((int(metrics["epoch"]), json.loads((run_dir / "progress.json").read_text())))
 
-    result = fit(frozen_cfg(demo_root, tmp_path, epochs=3), on_epoch_end=snapshot)
+    monkeypatch.setattr(runs.LocalReporter, "__call__", publish_then_snapshot)
+    result = fit(frozen_cfg(demo_root, tmp_path, epochs=3))
     tops = [h["val/top1"] for h in result.history]
     assert tops[0] == tops[1] == tops[2], tops  # the tie really happened
     later = str(run_dir / "checkpoint_000003")
     assert result.best_epoch == 3 and result.best_checkpoint == later
     assert ckpt.read_pointer(str(run_dir), "best") == later
     assert ckpt.load_meta(later)["best_epoch"] == 3
-    assert [is_best for _, is_best, _ in seen] == [True, True, True]
-    for epoch, _, progress in seen:
+    summaries = [line for line in capsys.readouterr().out.splitlines() if re.match(r"epoch \d+/3  train/loss", line)]
+    assert len(summaries) == 3 and all(line.endswith("  *best") for line in summaries), summaries
+    assert [epoch for epoch, _ in seen] == [1, 2, 3]
+    for epoch, progress in seen:
         assert progress["status"] == "running" and progress["epoch"] == epoch and progress["epochs"] == 3
         assert [h["epoch"] for h in progress["history"]] == list(range(1, epoch + 1))
         assert progress["best_epoch"] == epoch and progress["best_checkpoint"].endswith(f"checkpoint_{epoch:06d}")
@@ -251,27 +263,42 @@ def test_summary_line_on_stdout(demo_root, tmp_path, capsys):
     assert "epoch 1/1  train/loss" in out and "val/top1" in out and "img/s" in out
 
 
-def test_crash_hook_then_resume(demo_root, tmp_path):
-    """The test-only fault hook kills the process after epoch 1 once; a rerun from the checkpoint finishes."""
-    marker = tmp_path / "crashed"
+def test_sigkill_mid_run_then_resume_from_latest(demo_root, tmp_path):
+    """A training process killed from outside mid-run leaves `latest` on a complete checkpoint; resuming
+    from it trains only the remaining epochs."""
+    epochs = 6
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_engine import make_cfg
         from raytimm.engine import fit
         resume = sys.argv[1] if len(sys.argv) > 1 else None
-        r = fit(make_cfg({str(demo_root)!r}, {str(tmp_path)!r}, epochs=2), resume_state_dir=resume)
+        r = fit(make_cfg({str(demo_root)!r}, {str(tmp_path)!r}, epochs={epochs}), resume_state_dir=resume)
         print("EPOCHS", [h["epoch"] for h in r.history])
     """)
-    env = dict(os.environ, RAYTIMM_TEST_CRASH_AT_EPOCH="1", RAYTIMM_TEST_CRASH_MARKER=str(marker))
-    first = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 1 and marker.exists(), first.stderr[-2000:]
-    assert (tmp_path / "run" / "checkpoint_000001" / "meta.json").exists()
-    assert not (tmp_path / "run" / "checkpoint_000002").exists()
-    second = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run" / "checkpoint_000001")], env=env,
-                            capture_output=True, text=True, timeout=300)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        # Kill as soon as the first checkpoint is published: the process is then inside epoch 2.
+        deadline = time.monotonic() + 300
+        while ckpt.read_pointer(str(run_dir), "latest") is None and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == -signal.SIGKILL, out[-2000:]
+    killed_after = epochs_run(out)
+    assert killed_after and killed_after[-1] < epochs, out[-2000:]  # it really died mid-run
+
+    latest = ckpt.read_pointer(str(run_dir), "latest")
+    assert ckpt.is_complete(latest)
+    done = ckpt.load_meta(latest)["epoch"]
+    second = subprocess.run([sys.executable, "-c", script, latest], capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "EPOCHS [1, 2]" in second.stdout
+    assert epochs_run(second.stdout) == list(range(done + 1, epochs + 1))
+    assert f"EPOCHS {list(range(1, epochs + 1))}" in second.stdout
 
 
 def test_dice_dataset(tmp_path):

@@ -97,3 +97,21 @@ def test_curves_png_tolerates_missing_keys(tmp_path):
     out = plots.curves_png([{"train/loss": 1.0}, {"train/loss": 0.5}], tmp_path / "c.png")
     assert_png(out)
     assert_png(plots.curves_png([], tmp_path / "empty.png"))
+
+
+def test_per_label_csv_exact_values(tmp_path):
+    rows = [{"class": "cat", "support": 3, "ap": 91.666666, "precision": 75.0, "recall": 100.0, "f1": 85.714285,
+             "threshold": 0.25}, {"class": "실내", "support": 0, "ap": 0.0, "precision": 0.0, "recall": 0.0,
+                                  "f1": 0.0, "threshold": 0.5}]
+    path = plots.per_label_csv(rows, tmp_path / "pl.csv")
+    with open(path, newline="", encoding="utf-8") as fh:
+        got = list(csv.reader(fh))
+    assert got == [["class", "support", "ap", "precision", "recall", "f1", "threshold"],
+                   ["cat", "3", "91.67", "75.00", "100.00", "85.71", "0.250000"],
+                   ["실내", "0", "0.00", "0.00", "0.00", "0.00", "0.500000"]]
+
+
+def test_curves_png_multi_label(tmp_path):
+    history = [{"epoch": e, "train/loss": 1.0 / e, "val/loss": 1.1 / e, "val/mAP": 50.0 + 10 * e,
+                "val/f1_micro": 40.0 + 10 * e, "val/f1_macro": 30.0 + 10 * e} for e in range(1, 4)]
+    assert_png(plots.curves_png(history, tmp_path / "ml.png"))

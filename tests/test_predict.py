@@ -72,6 +72,13 @@ def make_trained_checkpoint(run_dir, name: str = "checkpoint_000001", steps: int
     return path
 
 
+def save_upper_case_copy(checkpoint: str, path: str) -> str:
+    """The same weights under upper-case class names (a hot reload to it shows in every answer)."""
+    ckpt.save_checkpoint(path, model_state=ckpt.load_model_state(checkpoint),
+                         meta={**ckpt.load_meta(checkpoint), "class_names": [c.upper() for c in CLASSES]})
+    return path
+
+
 def write_imagefolder(root, per_class_train: int = 2, per_class_val: int = 3) -> str:
     """A tiny ImageFolder with train/ and val/ of noisy colour PNGs."""
     for split, n in (("train", per_class_train), ("val", per_class_val)):

@@ -241,3 +241,12 @@ def test_newest_complete_skips_a_partial_checkpoint(tmp_path):
         for name in names:
             (folder / name).write_bytes(b"x")
     assert runs.newest_complete(str(run)) == (str(run / "checkpoint_000002"), 2)
+
+
+def test_status_lines_show_balanced_accuracy_and_multi_label_metrics():
+    single = runs.format_progress({"run_name": "r", "status": "running", "epoch": 1, "epochs": 2,
+                                   "metrics": {"val/top1": 90.0, "val/balanced_acc": 61.5, "val/loss": 0.3}})
+    assert "val/balanced_acc 61.5" in single and "val/top1 90" in single
+    multi = runs.format_progress({"run_name": "r", "status": "running", "epoch": 1, "epochs": 2,
+                                  "metrics": {"val/mAP": 88.25, "val/f1_micro": 70.0, "val/f1_macro": 65.0}})
+    assert "val/mAP 88.25" in multi and "val/f1_micro 70" in multi and "val/f1_macro 65" in multi

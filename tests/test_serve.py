@@ -24,7 +24,8 @@ from raytimm.serve.server import shutdown_server, wait_healthy
 from raytimm.serve.settings import ServeArgs
 from raytimm.predict import Predictor
 from tests import helpers_images as hi
-from tests.test_predict import CLASSES, MODEL, color_image, make_trained_checkpoint, png_bytes
+from tests.test_predict import (CLASSES, MODEL, color_image, make_trained_checkpoint, png_bytes,
+                                save_upper_case_copy)
 from tests.helpers_net import free_port
 
 
@@ -46,9 +47,7 @@ def env(tmp_path_factory):
     run1 = runs / "run1"
     ckpt1 = make_trained_checkpoint(run1)
     # The same weights under other class names: a hot reload is visible in every answer.
-    ckpt2 = str(runs / "run2" / "checkpoint_000002")
-    ckpt.save_checkpoint(ckpt2, model_state=ckpt.load_model_state(ckpt1),
-                         meta={**ckpt.load_meta(ckpt1), "class_names": [c.upper() for c in CLASSES]})
+    ckpt2 = save_upper_case_copy(ckpt1, str(runs / "run2" / "checkpoint_000002"))
     legacy = runs / "legacy" / "best.pt"
     legacy.parent.mkdir(parents=True)
     torch.save({"model_state_dict": ckpt.load_model_state(ckpt1), "epoch": 3}, legacy)

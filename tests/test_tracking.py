@@ -5,6 +5,7 @@ import json
 import logging
 import socket
 import threading
+import time
 
 import mlflow
 import pytest
@@ -31,7 +32,12 @@ def tracking_warnings(caplog) -> list[str]:
 
 
 class TcpProxy:
-    """Forwards a loopback port to the MLflow server until ``close()``: a server that goes away."""
+    """Forwards a loopback port to the MLflow server; ``mode`` makes the server go away.
+
+    "forward" passes everything; "cut" drops open connections and closes new ones at once (a
+    server that is gone); "blackhole" still delivers requests but drops every answer (a server
+    that stored the data while the answer was lost). The port stays the same throughout.
+    """
 
     def __init__(self, target_port: int):
         self.target_port = target_port
@@ -40,6 +46,8 @@ class TcpProxy:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.sockets: list[socket.socket] = []
         self.closed = False
+        self.mode = "forward"
+        self.delay_s = 0.0  # added before each request chunk is passed on: a slow server
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -48,15 +56,21 @@ class TcpProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.mode == "cut":
+                client.close()
+                continue
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             self.sockets += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 
-    @staticmethod
-    def _pump(src, dst):
+    def _pump(self, src, dst, answers: bool):
         try:
             while data := src.recv(65536):
+                if answers and self.mode == "blackhole":
+                    continue
+                if not answers and self.delay_s:
+                    time.sleep(self.delay_s)
                 dst.sendall(data)
         except OSError:
             pass
@@ -67,6 +81,20 @@ class TcpProxy:
                 except OSError:
                     pass
 
+    def _drop_connections(self):
+        for s in self.sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self.sockets = []
+
+    def set_mode(self, mode: str):
+        self.mode = mode
+        if mode == "cut":
+            self._drop_connections()
+
     def close(self):
         self.closed = True
         try:
@@ -75,12 +103,34 @@ class TcpProxy:
         except OSError:
             pass
         self.listener.close()
-        for s in self.sockets:
+        self._drop_connections()
+
+
+class HungServer:
+    """Accepts TCP connections (counting them) and never answers: a hung tracking server."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.uri = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
             try:
-                s.shutdown(socket.SHUT_RDWR)
+                conn, _ = self.listener.accept()
             except OSError:
-                pass
-            s.close()
+                return
+            self.connections.append(conn)
+
+    def close(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        for c in self.connections:
+            c.close()
 
 
 # --------------------------------------------------------------------------- no server needed
@@ -289,6 +339,40 @@ def test_parent_and_child_runs(mlflow_server):
     assert tracking.PARENT_RUN_TAG not in client.get_run(parent.run_id).data.tags
 
 
+def test_hung_server_never_blocks_the_caller_and_is_tried_once_per_cooldown(tmp_path, caplog):
+    """Logging calls hand data to the sender thread and return; a hung server costs the sender one
+    call timeout per cooldown, and ``finish`` returns within its documented bound."""
+    timeout_s = 1.0
+    hung = HungServer()
+    try:
+        logger = tracking.attach_logger(hung.uri, "0" * 32, timeout_s=timeout_s, cooldown_s=600)
+        (tmp_path / "f.txt").write_text("x")
+        slowest = 0.0
+        for epoch in range(1, 201):
+            t0 = time.monotonic()
+            logger.log_metrics({"val/top1": float(epoch), "train/loss": 1.0 / epoch}, step=epoch)
+            logger.log_params({"p": {f"k{epoch}": epoch}})
+            logger.set_tags({"t": str(epoch)})
+            if epoch % 50 == 0:
+                logger.log_artifact(tmp_path / "f.txt")
+                logger.log_text("t", "t.txt")
+            slowest = max(slowest, time.monotonic() - t0)
+        # A correctness bound, not a speed figure: a caller that waited on the server would take
+        # at least one HTTP timeout here.
+        assert slowest < timeout_s, slowest
+        t0 = time.monotonic()
+        logger.finish("FINISHED")
+        # finish gives up after one failed attempt: about one HTTP timeout (generous margin for a busy box).
+        assert time.monotonic() - t0 < tracking._call_timeout(hung.uri, timeout_s) + 5
+        # One attempt that hung until the HTTP timeout, then the cooldown; finish made one more.
+        assert 1 <= len(hung.connections) <= 2, len(hung.connections)
+    finally:
+        hung.close()
+    warnings = tracking_warnings(caplog)
+    assert any("training continues" in w for w in warnings), warnings
+    assert any("not recorded" in w and "metric values" in w for w in warnings), warnings
+
+
 @pytest.mark.mlflow_server
 def test_server_going_away_never_raises(mlflow_server, tmp_path, caplog):
     proxy = TcpProxy(int(mlflow_server.rsplit(":", 1)[1]))
@@ -297,25 +381,102 @@ def test_server_going_away_never_raises(mlflow_server, tmp_path, caplog):
                              run_name="flaky", timeout_s=2)
         assert isinstance(logger, MlflowLogger)
         logger.log_metrics({"val/top1": 1.0}, step=1)
+        assert logger.flush()
         assert not tracking_warnings(caplog)
 
-        proxy.close()  # the tracking server disappears mid-training
+        proxy.set_mode("cut")  # the tracking server disappears mid-training
         logger.log_metrics({"val/top1": 2.0}, step=2)
+        assert not logger.flush()  # one attempt, failed
         (warning,) = tracking_warnings(caplog)
         assert "log_metrics" in warning and "training continues" in warning
-        assert "NewConnectionError" in warning or "Errno" in warning
-        assert not logger.healthy
-        # Further calls are skipped during the cooldown: no exception, no new warnings.
+        # Further calls wait for the cooldown: no exception, no new warnings.
         (tmp_path / "f.txt").write_text("x")
         logger.log_params({"a": 1})
         logger.set_tags({"b": "c"})
         logger.log_artifact(tmp_path / "f.txt")
         logger.log_text("t", "t.txt")
         assert len(tracking_warnings(caplog)) == 1
-        logger.finish("FAILED")  # tries once more (bounded), warns, does not raise
+        logger.finish("FAILED")  # tries once more (bounded), warns what was lost, does not raise
         assert len(tracking_warnings(caplog)) == 2
+        assert "not recorded" in tracking_warnings(caplog)[1]
     finally:
         proxy.close()
 
     client = mlflow.MlflowClient(mlflow_server)
     assert [m.step for m in client.get_metric_history(logger.run_id, "val/top1")] == [1]
+
+
+@pytest.mark.mlflow_server
+def test_outage_backfill_logs_each_step_exactly_once(mlflow_server, caplog):
+    """Answers lost after the server stored the data, then a dead server, then recovery: what was
+    missed is sent when the server answers again, and every (metric, step) is stored once."""
+    proxy = TcpProxy(int(mlflow_server.rsplit(":", 1)[1]))
+    client = mlflow.MlflowClient(mlflow_server)
+    keys = ("val/top1", "train/loss")
+
+    def log(logger, epoch):
+        logger.log_metrics({"val/top1": 10.0 * epoch, "train/loss": 1.0 / epoch}, step=epoch)
+
+    def steps(run_id, key):
+        return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+    try:
+        logger = make_logger(enabled=True, tracking_uri=proxy.uri, experiment=EXPERIMENT, run_name="outage",
+                             timeout_s=5, cooldown_s=0.2)
+        assert isinstance(logger, MlflowLogger)
+        log(logger, 1)
+        assert logger.flush()
+
+        proxy.set_mode("blackhole")  # epoch 2 reaches the server, its answer never comes back
+        log(logger, 2)
+        deadline = time.monotonic() + 60
+        while steps(logger.run_id, "val/top1") != [1, 2]:
+            assert time.monotonic() < deadline, "epoch 2 never reached the server"
+            time.sleep(0.1)
+        assert not logger.flush(timeout_s=30)  # its answer was lost: the sender counts it as failed
+
+        proxy.set_mode("cut")  # then the server is gone
+        log(logger, 3)
+        log(logger, 4)
+        assert not logger.flush(timeout_s=30)
+
+        proxy.set_mode("forward")  # and back
+        log(logger, 5)
+        assert logger.flush(timeout_s=60)
+        logger.finish()
+    finally:
+        proxy.close()
+
+    for key in keys:
+        assert steps(logger.run_id, key) == [1, 2, 3, 4, 5], key
+    history = {m.step: m.value for m in client.get_metric_history(logger.run_id, "val/top1")}
+    assert history == {e: 10.0 * e for e in range(1, 6)}
+    assert client.get_run(logger.run_id).info.status == "FINISHED"
+    warnings = tracking_warnings(caplog)
+    assert any("training continues" in w for w in warnings) and any("answers again" in w for w in warnings)
+
+
+@pytest.mark.mlflow_server
+def test_backfill_rereads_the_server_and_adds_only_missing_epochs(mlflow_server):
+    """What the end of `raytimm train` does: another process logged some epochs; the backfill from
+    the checkpoint history adds the others, each once, also when it is asked for while the
+    sender is in the middle of sending something else."""
+    proxy = TcpProxy(int(mlflow_server.rsplit(":", 1)[1]))
+    try:
+        driver = make_logger(enabled=True, tracking_uri=proxy.uri, experiment=EXPERIMENT, run_name="backfill")
+        assert isinstance(driver, MlflowLogger)
+        # The controller's logger sends epochs 1 and 3 after the driver's logger opened the run.
+        controller = tracking.attach_logger(mlflow_server, driver.run_id)
+        for epoch in (1, 3):
+            controller.log_metrics({"val/top1": float(epoch)}, step=epoch)
+        controller.close()
+        proxy.delay_s = 1.0
+        driver.set_tags({"raytimm.best_checkpoint": "x"})  # the sender is busy with this (slow) call...
+        time.sleep(0.3)
+        driver.backfill([{"epoch": e, "val/top1": float(e), "note": "x"} for e in (1, 2, 3, 4)])  # ...meanwhile
+        driver.finish()
+    finally:
+        proxy.close()
+    client = mlflow.MlflowClient(mlflow_server)
+    assert sorted(m.step for m in client.get_metric_history(driver.run_id, "val/top1")) == [1, 2, 3, 4]
+    assert client.get_run(driver.run_id).data.tags["raytimm.best_checkpoint"] == "x"

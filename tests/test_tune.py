@@ -238,3 +238,31 @@ def test_rerun_after_a_driver_crash_resumes_without_rerunning_finished_trials(
     parents = [x for x in runs_ if "mlflow.parentRunId" not in x.data.tags]
     assert len(parents) == 1 and parents[0].info.run_id == result["mlflow_run_id"]
     assert len(runs_) == 3
+
+
+def test_a_multi_label_sweep_ranks_trials_by_map_and_its_best_evaluates_to_it(ray_cluster, mlflow_server, tmp_path):
+    """Tune over a multi-label manifest: val/mAP is the sweep's metric (the default in multi-label mode), the
+    best trial is the one with the highest val/mAP, and `raytimm evaluate` of the sweep gives that number."""
+    import ray
+
+    from raytimm.config import load_config
+    from raytimm.data.demo import make_demo_multilabel
+    from raytimm.ray_tune import tune
+
+    wait_cpus_free(ray.cluster_resources()["CPU"])
+    csv_path = make_demo_multilabel(tmp_path / "ml", classes=3, images=48, size=32, seed=6)
+    cfg = load_config(str(DEMO_SWEEP), [
+        f"data.path={csv_path}", "data.format=manifest", "data.multi_label=true", f"storage.path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=tune-multilabel", "tune.name=ml",
+        "tune.scheduler=fifo", "tune.metric=val/mAP", "tune.mode=max", "train.epochs=1",
+        "tune.search_space={train.lr: {grid: [0.01, 0.0000001]}}"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = tune(cfg)
+    assert len(result.trials) == 2 and all(t.status == "completed" for t in result.trials)
+    maps = {t.trial_id: t.best_metrics["val/mAP"] for t in result.trials}
+    assert result.best_metrics["val/mAP"] == maps[result.best_trial_id] == max(maps.values())
+    out = tmp_path / "eval.json"
+    r = subprocess.run([str(BIN / "raytimm"), "evaluate", "--checkpoint", result.run_dir, "--data", csv_path,
+                        "--result-json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert json.loads(out.read_text())["mAP"] == pytest.approx(result.best_metrics["val/mAP"], abs=1e-6)

@@ -260,3 +260,23 @@ def test_sweep_paths_are_absolute_for_chdired_trial_drivers_but_the_cache_stays_
     assert cfg.data.cache_dir == "$LOCAL_SSD/raytimm"  # each node expands its own
     remote = _absolutize(load_config(None, ["data.path=s3://b/data", "storage.path=r2://b/runs"]))
     assert (remote.data.path, remote.storage.path) == ("s3://b/data", "r2://b/runs")
+
+
+def test_a_multi_label_sweep_validates_with_map_as_its_metric():
+    cfg = load_config(None, ["data.format=manifest", "data.multi_label=true", "tune.metric=val/mAP",
+                             "tune.search_space={train.lr: {loguniform: [0.0001, 0.01]}, "
+                             "train.pos_weight: {choice: [none, auto]}}"])
+    dims = parse_search_space(cfg.tune.search_space, cfg)
+    assert [d.key for d in dims] == ["train.lr", "train.pos_weight"]
+    trial = apply_trial_config(cfg, {"train.lr": 0.001, "train.pos_weight": "auto"})
+    assert trial.tune.metric == trial.checkpoint.metric == "val/mAP" and trial.train.pos_weight == "auto"
+    trials = [TrialSummary(trial_id=t, config={}, best_metrics={"val/mAP": m, "epoch": 1.0}, epochs=1,
+                           status="completed", checkpoint="c") for t, m in (("a", 80.0), ("b", 90.0))]
+    assert pick_best(trials, "val/mAP", "max").trial_id == "b"
+    # A single-label metric is refused for a multi-label sweep, naming the key.
+    with pytest.raises(ConfigError, match="tune.metric='val/top5' is a single-label metric"):
+        load_config(None, ["data.format=manifest", "data.multi_label=true", "tune.metric=val/top5"])
+    # A multi-label-only value in the space is refused up front for a single-label sweep.
+    single = load_config(None, ["tune.search_space={train.pos_weight: {choice: [none, auto]}}"])
+    with pytest.raises(ConfigError, match="train.pos_weight"):
+        parse_search_space(single.tune.search_space, single)

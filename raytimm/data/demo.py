@@ -3,6 +3,9 @@
 Each class differs from every other by both its shape and its colour, drawn at a random position
 and scale on a noisy light background, so the task is easy but not trivial. Everything is
 deterministic for a seed: image i of class c depends only on (seed, c, i).
+
+The multi-label demo (``make_demo_multilabel``) draws 1-3 different shapes per image, one per
+quadrant; an image's labels are the classes drawn. Image i depends only on (seed, i).
 """
 from __future__ import annotations
 
@@ -82,24 +85,90 @@ def make_demo_dice(
     (root / "annotations").mkdir()
     for name, _, stem, image, box in _demo_images(classes, per_class, size, seed):
         image.save(root / "images" / f"{stem}.png")
-        annotation = {
-            "version": "5.4.1",
-            "flags": {},
-            "shapes": [{
-                "label": name,
-                "points": [[box[0], box[1]], [box[2], box[3]]],
-                "group_id": None,
-                "description": "",
-                "shape_type": "rectangle",
-                "flags": {},
-            }],
-            "imagePath": f"{stem}.png",
-            "imageData": None,
-            "imageHeight": size,
-            "imageWidth": size,
-        }
-        (root / "annotations" / f"{stem}.json").write_text(json.dumps(annotation, indent=1), encoding="utf-8")
+        _write_annotation(root, stem, [(name, box)], size)
     return str(root)
+
+
+def _write_annotation(root: Path, stem: str, shapes: list[tuple[str, list[float]]], size: int) -> None:
+    """annotations/<stem>.json in labelme's format: one rectangle per (label, box)."""
+    annotation = {
+        "version": "5.4.1",
+        "flags": {},
+        "shapes": [{
+            "label": label,
+            "points": [[box[0], box[1]], [box[2], box[3]]],
+            "group_id": None,
+            "description": "",
+            "shape_type": "rectangle",
+            "flags": {},
+        } for label, box in shapes],
+        "imagePath": f"{stem}.png",
+        "imageData": None,
+        "imageHeight": size,
+        "imageWidth": size,
+    }
+    (root / "annotations" / f"{stem}.json").write_text(json.dumps(annotation, indent=1), encoding="utf-8")
+
+
+def make_demo_multilabel(
+    output_dir: str | os.PathLike,
+    *,
+    classes: int = 4,
+    images: int = 256,
+    size: int = 64,
+    seed: int = 0,
+    format: str = "manifest",
+) -> str:
+    """Write a multi-label demo set: 1-3 shapes per image, labels = the classes drawn.
+
+    ``format="manifest"``: images/ + labels.csv (`file,labels`, no split column: training splits it
+    by iterative stratification); return the CSV's path. ``format="dice"``: a DICE export with one
+    shape per drawn class; return its root.
+    """
+    _check_args(classes, images, size)
+    if format not in ("manifest", "dice"):
+        raise ConfigError(f"multi-label demo format must be 'manifest' or 'dice', got {format!r}")
+    if classes < 2:
+        raise ConfigError("a multi-label demo needs at least 2 classes")
+    root = _fresh_folder(output_dir)
+    (root / "images").mkdir()
+    names = demo_class_names(classes)
+    rows = []
+    if format == "dice":
+        (root / "annotations").mkdir()
+    for i in range(images):
+        rng = np.random.default_rng([seed, 7919, i])  # a stream apart from the single-label demo's
+        drawn = sorted(rng.choice(classes, size=int(rng.integers(1, min(3, classes) + 1)), replace=False).tolist())
+        image, boxes = render_shapes(drawn, size, rng)
+        stem = f"img_{i:05d}"
+        image.save(root / "images" / f"{stem}.png")
+        labels = [names[c] for c in drawn]
+        rows.append((f"images/{stem}.png", labels, None))
+        if format == "dice":
+            _write_annotation(root, stem, list(zip(labels, boxes)), size)
+    (root / "classes.txt").write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+    if format == "dice":
+        return str(root)
+    from raytimm.data.manifest import write_manifest
+
+    return write_manifest(root / "labels.csv", rows)
+
+
+def render_shapes(class_indices: list[int], size: int, rng: np.random.Generator) -> tuple[Image.Image, list[list[float]]]:
+    """Draw several classes' shapes, each in its own quadrant; return the image and their boxes."""
+    image = _background(size, rng)
+    draw = ImageDraw.Draw(image)
+    half = size / 2
+    quadrants = rng.permutation(4)[: len(class_indices)]
+    boxes = []
+    for c, q in zip(class_indices, quadrants):
+        shape, _, colour = _CLASSES[c]
+        extent = half * rng.uniform(0.65, 0.95)
+        x0, y0 = (q % 2) * half, (q // 2) * half
+        cx, cy = (o + rng.uniform(extent / 2, half - extent / 2) for o in (x0, y0))
+        _draw(draw, shape, cx, cy, extent / 2, _jittered(colour, rng), rng)
+        boxes.append([round(v, 2) for v in (cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2)])
+    return image, boxes
 
 
 def _demo_images(
@@ -118,17 +187,24 @@ def _demo_images(
 def render_shape(class_index: int, size: int, rng: np.random.Generator) -> tuple[Image.Image, list[float]]:
     """Draw one image of a class; return it with the shape's bounding box [x0, y0, x1, y1]."""
     shape, _, colour = _CLASSES[class_index]
-    # Light, slightly tinted background with pixel noise: colour alone is a strong cue, shape a second one.
-    base = rng.integers(165, 235) + rng.integers(-12, 13, size=3)
-    background = base[None, None, :] + rng.normal(0, 10, size=(size, size, 3))
-    image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8), "RGB")
+    image = _background(size, rng)
     extent = size * rng.uniform(0.5, 0.8)  # shape's bounding-box side
     cx, cy = (rng.uniform(extent / 2, size - extent / 2) for _ in range(2))
-    jitter = rng.integers(-20, 21, size=3)
-    fill = tuple(int(v) for v in np.clip(np.array(colour) + jitter, 0, 255))
-    _draw(ImageDraw.Draw(image), shape, cx, cy, extent / 2, fill, rng)
+    _draw(ImageDraw.Draw(image), shape, cx, cy, extent / 2, _jittered(colour, rng), rng)
     box = [cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2]
     return image, [round(v, 2) for v in box]
+
+
+def _background(size: int, rng: np.random.Generator) -> Image.Image:
+    """Light, slightly tinted background with pixel noise: colour alone is a strong cue, shape a second one."""
+    base = rng.integers(165, 235) + rng.integers(-12, 13, size=3)
+    background = base[None, None, :] + rng.normal(0, 10, size=(size, size, 3))
+    return Image.fromarray(np.clip(background, 0, 255).astype(np.uint8), "RGB")
+
+
+def _jittered(colour, rng: np.random.Generator) -> tuple[int, ...]:
+    jitter = rng.integers(-20, 21, size=3)
+    return tuple(int(v) for v in np.clip(np.array(colour) + jitter, 0, 255))
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill, rng) -> None:

@@ -1,7 +1,9 @@
 """DICE (labelme-style export) -> ImageFolder converter, and a cache so training can point at DICE directly.
 
 Input: `<dir>/images/*` and `<dir>/annotations/*.json`, each JSON with `imagePath` (relative to
-images/) and `shapes[].label`; an image's class is its first shape's label.
+images/) and `shapes[].label`; an image's class is its first shape's label. In multi-label mode an
+image's labels are the distinct labels of all its shapes, and the output is images/ plus a manifest
+(data/manifest.py: `manifest.csv` with file, labels, split), since class folders cannot hold sets.
 
 The input is untrusted: labels become folder names and imagePaths become reads, so both are checked
 (no traversal, separators, NUL, hidden or empty names; nothing read outside images/, nothing written
@@ -37,6 +39,7 @@ STRATEGIES = ("stratified", "random", "sequential", "file")
 MANIFEST_NAME = "split.json"
 MANIFEST_FORMAT = "raytimm-dice-split"
 CONVERTER_VERSION = 1
+MULTILABEL_MANIFEST = "manifest.csv"  # the multi-label output's image list (data/manifest.py format)
 
 # Why each entry can be skipped, in the order the summary lists them.
 SKIP_REASONS = {
@@ -121,6 +124,8 @@ class _Entry:
     label: str  # the label as written (stripped), for collision messages
     class_name: str  # NFC-normalised label: the folder name
     annotation: str  # annotation file name, for messages
+    labels: tuple[str, ...] = ()  # multi-label: every distinct label as written
+    class_names: tuple[str, ...] = ()  # multi-label: their NFC names, sorted
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -169,7 +174,7 @@ def clean_image_path(raw: object) -> tuple[str | None, str | None]:
     return "/".join(parts), None
 
 
-def _inside(path: str, folder: str) -> bool:
+def inside(path: str, folder: str) -> bool:
     """True when the real path `path` lies inside the real folder `folder`."""
     return os.path.commonpath([path, folder]) == folder and path != folder
 
@@ -186,7 +191,7 @@ def label_collisions(labels: set[str]) -> list[list[str]]:
 # ----------------------------------------------------------------------------------------- reading
 
 
-def read_annotations(input_dir: Path, log: Log) -> tuple[list[_Entry], dict[str, int], int]:
+def read_annotations(input_dir: Path, log: Log, multi_label: bool = False) -> tuple[list[_Entry], dict[str, int], int]:
     """Read and check every annotation; return (entries, skip counts, annotation count)."""
     ann_dir, images_dir = input_dir / "annotations", input_dir / "images"
     ann_real, images_real = os.path.realpath(ann_dir), os.path.realpath(images_dir)
@@ -198,7 +203,7 @@ def read_annotations(input_dir: Path, log: Log) -> tuple[list[_Entry], dict[str,
     entries: list[_Entry] = []
     seen: dict[str, str] = {}
     for fname in files:
-        entry, reason = _read_one(ann_dir / fname, ann_real, images_dir, images_real, seen)
+        entry, reason = _read_one(ann_dir / fname, ann_real, images_dir, images_real, seen, multi_label)
         if reason is not None:
             key, _, detail = reason.partition(":")
             skipped[key] += 1
@@ -209,9 +214,10 @@ def read_annotations(input_dir: Path, log: Log) -> tuple[list[_Entry], dict[str,
     return entries, skipped, len(files)
 
 
-def _read_one(path: Path, ann_real: str, images_dir: Path, images_real: str, seen: dict[str, str]):
+def _read_one(path: Path, ann_real: str, images_dir: Path, images_real: str, seen: dict[str, str],
+              multi_label: bool = False):
     """Check one annotation file; return (entry, None) or (None, "reason_key[:detail]")."""
-    if not _inside(os.path.realpath(path), ann_real):
+    if not inside(os.path.realpath(path), ann_real):
         return None, "bad_annotation_path:the file is a link pointing outside annotations/"
     if path.stat().st_size > _MAX_ANNOTATION_BYTES:
         return None, f"invalid_json:larger than {_MAX_ANNOTATION_BYTES // 2**20} MiB"
@@ -232,13 +238,19 @@ def _read_one(path: Path, ann_real: str, images_dir: Path, images_real: str, see
     shapes = doc.get("shapes")
     if not isinstance(shapes, list) or not shapes:
         return None, "no_shapes"
-    first = shapes[0]
-    label, class_name, reason = clean_label(first.get("label") if isinstance(first, dict) else None)
-    if reason is not None:
-        return None, _with_value(reason, "label", first.get("label") if isinstance(first, dict) else None)
+    labels: dict[str, str] = {}  # class name -> label as written, every shape in multi-label mode
+    for shape in shapes if multi_label else shapes[:1]:
+        raw = shape.get("label") if isinstance(shape, dict) else None
+        label, class_name, reason = clean_label(raw)
+        if reason is None and multi_label and ";" in class_name:
+            reason = "bad_label:contains ';' (the manifest's label separator)"
+        if reason is not None:
+            return None, _with_value(reason, "label", raw)
+        labels.setdefault(class_name, label)
+    class_name, label = next(iter(labels.items()))
 
     source = os.path.realpath(images_dir / rel)
-    if not _inside(source, images_real):
+    if not inside(source, images_real):
         return None, f"bad_image_path:imagePath {rel!r} resolves outside images/ (a link?)"
     if not os.path.isfile(source):
         return None, f"missing_image:image images/{rel} does not exist"
@@ -246,7 +258,8 @@ def _read_one(path: Path, ann_real: str, images_dir: Path, images_real: str, see
         return None, f"unsupported_image:images/{rel} is not one of {', '.join(IMAGE_EXTENSIONS)}"
     if rel in seen:
         return None, f"duplicate_image:images/{rel} is already labelled by annotations/{seen[rel]}"
-    return _Entry(rel, source, label, class_name, path.name), None
+    names = tuple(sorted(labels)) if multi_label else ()
+    return _Entry(rel, source, label, class_name, path.name, tuple(labels[n] for n in names), names), None
 
 
 def _with_value(reason: str, field_name: str, value: object) -> str:
@@ -275,15 +288,40 @@ def split_entries(
     if strategy == "stratified":
         train, _ = stratified_split(ordered, split_ratio, seed)
         in_train = {e.image_path for es in train.values() for e in es}
-    elif strategy in ("random", "sequential"):
-        if strategy == "random":
-            random.Random(seed).shuffle(everything)
-        in_train = {e.image_path for e in everything[: round(len(everything) * split_ratio)]}
     else:
-        in_train = _read_split_file(split_file, {e.image_path for e in everything}, log)
+        in_train = _plain_split(everything, strategy, split_ratio, seed, split_file, log)
     assignment = {e.image_path: ("train" if e.image_path in in_train else "val") for e in everything}
     _enforce_class_rules(ordered, assignment, log)
     return assignment
+
+
+def _plain_split(everything: list[_Entry], strategy: str, split_ratio: float, seed: int,
+                 split_file: str | os.PathLike | None, log: Log) -> set[str]:
+    """The imagePaths that go to train by a strategy that ignores labels: random, sequential or file."""
+    if strategy in ("random", "sequential"):
+        everything = list(everything)
+        if strategy == "random":
+            random.Random(seed).shuffle(everything)
+        return {e.image_path for e in everything[: round(len(everything) * split_ratio)]}
+    return _read_split_file(split_file, {e.image_path for e in everything}, log)
+
+
+def split_multilabel_entries(entries: list[_Entry], classes: list[str], strategy: str, split_ratio: float,
+                             seed: int, split_file: str | os.PathLike | None, log: Log) -> dict[str, str]:
+    """Multi-label split: "stratified" is iterative stratification; single-image labels stay in train."""
+    from raytimm.data.multilabel import fix_small_labels, iterative_split
+
+    everything = sorted(entries, key=lambda e: e.image_path)
+    index = {c: i for i, c in enumerate(classes)}
+    sets = [[index[c] for c in e.class_names] for e in everything]
+    warn = lambda message: log(f"warning: {message}")  # noqa: E731
+    if strategy == "stratified":
+        in_val = iterative_split(sets, len(classes), split_ratio, seed, warn=warn, label_names=classes)
+    else:
+        in_train = _plain_split(everything, strategy, split_ratio, seed, split_file, log)
+        in_val = [e.image_path not in in_train for e in everything]
+        fix_small_labels(sets, in_val, len(classes), classes, warn)
+    return {e.image_path: ("val" if v else "train") for e, v in zip(everything, in_val)}
 
 
 def _read_split_file(split_file, known: set[str], log: Log) -> set[str]:
@@ -339,8 +377,8 @@ def _check_output(output: Path, input_dir: Path) -> None:
     # Replacing an output that holds the input would delete it; writing into images/ or annotations/
     # would feed the output back into the next conversion.
     sources = [os.path.realpath(input_dir / sub) for sub in ("images", "annotations")]
-    if out_real == in_real or _inside(in_real, out_real) or any(
-        out_real == s or _inside(out_real, s) for s in sources
+    if out_real == in_real or inside(in_real, out_real) or any(
+        out_real == s or inside(out_real, s) for s in sources
     ):
         raise DataError(
             f"output folder {output} overlaps the input {input_dir}; choose a folder outside its images/ and annotations/"
@@ -422,6 +460,30 @@ def _write_tree(tmp: Path, entries: list[_Entry], assignment: dict[str, str], cl
     return linked
 
 
+def _write_multilabel_tree(tmp: Path, entries: list[_Entry], assignment: dict[str, str], classes: list[str],
+                           link: bool, manifest: dict) -> int:
+    """Write images/, manifest.csv (file, labels, split), classes.txt and split.json into tmp; return the link count."""
+    from raytimm.data.manifest import write_manifest
+
+    (tmp / "images").mkdir()
+    used: set[str] = set()
+    images, rows, linked = {}, [], 0
+    for entry in sorted(entries, key=lambda e: e.image_path):
+        split = assignment[entry.image_path]
+        name = _dest_name(entry.image_path, used)
+        linked += _place(entry.source, tmp / "images" / name, link)
+        rows.append((f"images/{name}", list(entry.class_names), split))
+        images[entry.image_path] = {"split": split, "labels": list(entry.class_names),
+                                    "sha256": _sha256(tmp / "images" / name), "file": f"images/{name}",
+                                    "annotation": entry.annotation}
+    write_manifest(tmp / MULTILABEL_MANIFEST, rows)
+    (tmp / "classes.txt").write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
+    manifest = {**manifest, "images": images}
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, ensure_ascii=False, sort_keys=True) + "\n",
+                                     encoding="utf-8")
+    return linked
+
+
 def _swap_into_place(tmp: Path, output: Path) -> None:
     """Rename tmp to output; an existing output (empty or a previous conversion) is replaced."""
     if not output.exists():
@@ -450,8 +512,12 @@ def convert_dice(
     seed: int = 42,
     link: bool = False,
     log: Log = print,
+    multi_label: bool = False,
 ) -> ConvertSummary:
-    """Convert a DICE export into an ImageFolder (train/, val/, classes.txt, split.json) at output_dir."""
+    """Convert a DICE export into an ImageFolder (train/, val/, classes.txt, split.json) at output_dir.
+
+    ``multi_label``: every shape's label counts; the output is images/ + manifest.csv (file, labels, split).
+    """
     check_split_ratio(split_ratio)
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown split strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
@@ -461,17 +527,22 @@ def convert_dice(
     _check_dice_layout(input_path)
     _check_output(output, input_path)
 
-    entries, skipped, n_annotations = read_annotations(input_path, log)
-    collisions = label_collisions({e.label for e in entries})
+    entries, skipped, n_annotations = read_annotations(input_path, log, multi_label)
+    collisions = label_collisions({label for e in entries for label in (e.labels or (e.label,))})
     if collisions:
         shown = "; ".join(" vs ".join(repr(label) for label in group) for group in collisions)
         raise DataError(f"{input_path}: labels collide after Unicode NFC normalisation and case folding: {shown}")
     if not entries:
         raise DataError(f"{input_path}: no usable annotations ({n_annotations} file(s) in annotations/, all skipped)")
 
-    classes = sorted({e.class_name for e in entries})
-    by_class = {c: [e for e in entries if e.class_name == c] for c in classes}
-    assignment = split_entries(by_class, strategy, float(split_ratio), seed, split_file, log)
+    if multi_label:
+        classes = sorted({c for e in entries for c in e.class_names})
+        by_class = {c: [e for e in entries if c in e.class_names] for c in classes}
+        assignment = split_multilabel_entries(entries, classes, strategy, float(split_ratio), seed, split_file, log)
+    else:
+        classes = sorted({e.class_name for e in entries})
+        by_class = {c: [e for e in entries if e.class_name == c] for c in classes}
+        assignment = split_entries(by_class, strategy, float(split_ratio), seed, split_file, log)
 
     summary = ConvertSummary(str(input_path), str(output), strategy, float(split_ratio), int(seed),
                              annotations=n_annotations, classes=classes, skipped=skipped)
@@ -482,7 +553,7 @@ def convert_dice(
     manifest = {
         "format": MANIFEST_FORMAT, "version": CONVERTER_VERSION, "source": os.path.abspath(input_path),
         "strategy": strategy, "split_ratio": float(split_ratio), "seed": int(seed), "classes": classes,
-        "class_counts": summary.class_counts, "skipped": skipped,
+        "class_counts": summary.class_counts, "skipped": skipped, "multi_label": bool(multi_label),
     }
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -491,7 +562,8 @@ def convert_dice(
     tmp.mkdir()
     try:
         log(f"writing {len(entries)} image(s) in {len(classes)} class(es) to {output}")
-        summary.linked = _write_tree(tmp, entries, assignment, classes, link, manifest)
+        write = _write_multilabel_tree if multi_label else _write_tree
+        summary.linked = write(tmp, entries, assignment, classes, link, manifest)
         _swap_into_place(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -528,16 +600,20 @@ def ensure_dice_converted(
     seed: int = 42,
     cache_max_gb: float | None = None,
     log: Log = print,
+    multi_label: bool = False,
 ) -> str:
     """Convert a DICE folder into `<cache_root>/dice-<fingerprint>` once per input version; return that root.
 
     Concurrent callers (several workers on one node) serialise on a file lock, and only the first converts.
+    ``multi_label``: the root holds images/ and manifest.csv (``MULTILABEL_MANIFEST``) instead of class folders.
     The entry stays in use while this process lives; a new conversion evicts least recently used cache
     entries beyond ``cache_max_gb`` (data.cache_max_gb; see raytimm.cache).
     """
     input_path = Path(input_dir)
     _check_dice_layout(input_path)  # before fingerprinting: a walk of missing folders would hash to a valid key
     settings = {"converter": CONVERTER_VERSION, "split_ratio": split_ratio, "strategy": strategy, "seed": seed}
+    if multi_label:  # only when on: single-label cache keys stay what they were
+        settings["multi_label"] = True
     if split_file is not None:
         try:
             settings["split_file"] = hashlib.sha256(Path(split_file).read_bytes()).hexdigest()
@@ -550,7 +626,7 @@ def ensure_dice_converted(
             log(f"converting DICE export {input_path} into cache {target}")
             # Hard links save a second copy of the images when the cache is on the same filesystem.
             convert_dice(input_path, target, split_ratio=split_ratio, strategy=strategy, split_file=split_file,
-                         seed=seed, link=True, log=log)
+                         seed=seed, link=True, log=log, multi_label=multi_label)
         cache.mark_used(target, source=str(input_path))
     if converting:
         cache.after_new_entry(target, cache_max_gb)

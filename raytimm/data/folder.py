@@ -30,7 +30,7 @@ _PROGRESS_MIN_FILES = 500
 # How many bad paths the report lists before "... and N more".
 _REPORT_MAX_BAD = 10
 
-Sample = tuple[str, int]
+Sample = tuple[str, int]  # multi-label data: (path, (label indices...))
 T = TypeVar("T")
 
 
@@ -44,10 +44,11 @@ class ScanResult:
     train: list[Sample]
     val: list[Sample]
     bad_files: list[tuple[str, str]] = field(default_factory=list)
-    split_source: str = "val_dir"  # "val_dir" | "split"
+    split_source: str = "val_dir"  # "val_dir" | "split" | "manifest" (its split column)
     split_ratio: float | None = None
     seed: int | None = None
     ignored_files: int = 0  # non-image files (wrong extension) that were skipped
+    multi_label: bool = False  # samples carry a tuple of label indices (data/manifest.py)
 
     @property
     def num_classes(self) -> int:
@@ -190,7 +191,7 @@ def scan_imagefolder(
     all_paths = [p for files in (*train_files.values(), *val_files.values()) for p in files]
     if not all_paths:
         raise DataError(f"{root_path}: no images found (accepted extensions: {', '.join(IMAGE_EXTENSIONS)})")
-    bad_files = _find_bad_files(all_paths, max_pixels) if verify else []
+    bad_files = find_bad_files(all_paths, max_pixels) if verify else []
     bad = {p for p, _ in bad_files}
     train_files = {c: [p for p in ps if p not in bad] for c, ps in train_files.items()}
     val_files = {c: [p for p in ps if p not in bad] for c, ps in val_files.items()}
@@ -230,8 +231,8 @@ def _samples(files: dict, class_to_idx: dict[str, int]) -> list[Sample]:
     return sorted((p, class_to_idx[c]) for c, ps in files.items() for p in ps)
 
 
-def _find_bad_files(paths: list[str], max_pixels: int | None) -> list[tuple[str, str]]:
-    """Verify every path, with a progress bar on long scans in a terminal."""
+def find_bad_files(paths: list[str], max_pixels: int | None) -> list[tuple[str, str]]:
+    """(path, reason) of every unreadable image among paths, with a progress bar on long scans in a terminal."""
     from tqdm import tqdm
 
     show = len(paths) >= _PROGRESS_MIN_FILES and sys.stderr.isatty()
@@ -256,31 +257,43 @@ def pad(text: str, width: int) -> str:
 
 
 def class_counts(samples: Sequence[Sample], num_classes: int) -> list[int]:
-    """Number of samples per class index."""
+    """Number of samples per class index (multi-label samples count once for each of their labels)."""
     counts = [0] * num_classes
     for _, label in samples:
-        counts[label] += 1
+        for c in (label if isinstance(label, tuple) else (label,)):
+            counts[c] += 1
     return counts
 
 
 def format_report(scan: ScanResult) -> str:
-    """Human-readable dataset report: root, classes with train/val counts, unreadable files."""
+    """Human-readable dataset report: root, classes with train/val counts (multi-label: per-label counts
+    and co-occurrence), unreadable files."""
     if scan.split_source == "split":
-        source = f"val split from train/ (train fraction {scan.split_ratio}, seed {scan.seed})"
+        what = "train/" if Path(scan.root).is_dir() else "the manifest"
+        method = ", iterative stratification" if scan.multi_label else ""
+        source = f"val split from {what} (train fraction {scan.split_ratio}, seed {scan.seed}{method})"
+    elif scan.split_source == "manifest":
+        source = "the manifest's split column"
     else:
         source = "val from val/"
     n = scan.num_classes
-    train_counts, val_counts = class_counts(scan.train, n), class_counts(scan.val, n)
-    width = max([len("class"), *(display_width(c) for c in scan.class_names)])
     lines = [
         f"dataset: {scan.root}",
         f"split: {source}",
-        f"classes: {n}   train: {len(scan.train)}   val: {len(scan.val)}",
-        f"  {'idx':>4}  {'class':<{width}}  {'train':>6}  {'val':>6}",
+        f"{'labels' if scan.multi_label else 'classes'}: {n}   train: {len(scan.train)}   val: {len(scan.val)}"
+        + ("   (multi-label)" if scan.multi_label else ""),
     ]
-    for i, name in enumerate(scan.class_names):
-        note = "   (no val images)" if val_counts[i] == 0 else ""
-        lines.append(f"  {i:>4}  {pad(name, width)}  {train_counts[i]:>6}  {val_counts[i]:>6}{note}")
+    if scan.multi_label:
+        from raytimm.data.multilabel import format_multilabel_report
+
+        lines += format_multilabel_report(scan.class_names, [t for _, t in scan.train], [t for _, t in scan.val])
+    else:
+        train_counts, val_counts = class_counts(scan.train, n), class_counts(scan.val, n)
+        width = max([len("class"), *(display_width(c) for c in scan.class_names)])
+        lines.append(f"  {'idx':>4}  {'class':<{width}}  {'train':>6}  {'val':>6}")
+        for i, name in enumerate(scan.class_names):
+            note = "   (no val images)" if val_counts[i] == 0 else ""
+            lines.append(f"  {i:>4}  {pad(name, width)}  {train_counts[i]:>6}  {val_counts[i]:>6}{note}")
     if scan.ignored_files:
         lines.append(f"non-image files ignored: {scan.ignored_files}")
     lines.append(f"unreadable files left out: {len(scan.bad_files)}")
@@ -294,6 +307,8 @@ def format_report(scan: ScanResult) -> str:
 class ImageDataset(Dataset):
     """Map-style dataset of (path, label) samples returning (transform(decoded RGB array), label).
 
+    With ``num_labels`` (multi-label data) a sample's label is a tuple of indices and the target
+    returned is a float multi-hot vector of that length.
     A file that became unreadable after the scan is logged and replaced by the next readable sample,
     so one bad file never kills a long run (on_error="raise" turns that off).
     """
@@ -305,6 +320,7 @@ class ImageDataset(Dataset):
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         *,
         on_error: str = "substitute",
+        num_labels: int | None = None,
     ):
         if on_error not in ("substitute", "raise"):
             raise ValueError(f"on_error must be 'substitute' or 'raise', got {on_error!r}")
@@ -313,6 +329,16 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.max_pixels = max_pixels
         self.on_error = on_error
+        self.num_labels = num_labels
+
+    def _target(self, label):
+        if self.num_labels is None:
+            return label
+        import torch
+
+        hot = torch.zeros(self.num_labels, dtype=torch.float32)
+        hot[list(label)] = 1.0
+        return hot
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -328,7 +354,7 @@ class ImageDataset(Dataset):
                     raise
                 log.warning("skipping unreadable image %s", exc)
                 continue
-            return (self.transform(image) if self.transform is not None else image), label
+            return (self.transform(image) if self.transform is not None else image), self._target(label)
         raise DataError(
             f"could not read any of {tries} consecutive images from index {index}, e.g. {self.samples[index][0]}"
         )

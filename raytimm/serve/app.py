@@ -20,7 +20,7 @@ from raytimm.serve.settings import APP_NAME, QUIET_LOGGING, ServeArgs, check_tra
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _RAYTIMM_DIR = os.path.dirname(_PACKAGE_DIR)
 # What replicas run: a change to any of these must restart them (a new deployment version).
-_VERSIONED_MODULES = ("predict.py", "checkpoint.py", "model.py")
+_VERSIONED_MODULES = ("predict.py", "export.py", "checkpoint.py", "model.py")
 
 
 def versioned_sources() -> list:
@@ -106,12 +106,20 @@ def training_api_options(args: ServeArgs):
             "base_config": base, "dashboard_url": args.ray_dashboard_url}
 
 
+def check_backend_installed(args: ServeArgs) -> None:
+    """The onnx backend without onnxruntime: one line naming the extra, before anything starts."""
+    if args.backend == "onnx":
+        from raytimm.export import import_onnxruntime
+        import_onnxruntime()
+
+
 def build_app(args: ServeArgs):
     """Typed Serve app builder: Ingress(FastAPI) bound to a ModelServer loaded from ``args.checkpoint``."""
     from raytimm import checkpoint as ckpt
 
     if not args.checkpoint:  # a ServeSettings without one (ServeArgs itself requires it)
         raise ConfigError("no checkpoint to serve: set checkpoint")
+    check_backend_installed(args)
     # Fail here, with the URI in the message, rather than in a replica's log.
     resolved = ckpt.resolve_checkpoint(args.checkpoint)
     allow = [normalize_prefix(p) for p in args.allow]
@@ -124,8 +132,10 @@ def build_app(args: ServeArgs):
     env = forwarded_env()
     if weights_dir:
         env[WEIGHTS_DIR_ENV] = weights_dir
-    # Torch threads come from the CPUs Ray assigns each replica (also when serve.yaml overrides them).
-    model_kwargs = dict(weights_dir=weights_dir, max_models=args.max_models, allow_hub=args.allow_hub)
+    # Torch / ONNX Runtime threads come from the CPUs Ray assigns each replica (also when serve.yaml overrides
+    # them). The backend is an init argument: changing it restarts the replicas (a new version), not a reload.
+    model_kwargs = dict(weights_dir=weights_dir, max_models=args.max_models, allow_hub=args.allow_hub,
+                        backend=args.backend)
     model = ModelServer.options(**_with_env(model_options(args), env))
     model = _with_version(model, code_version("model", model_kwargs)).bind(**model_kwargs)
     token = args.token()

@@ -64,6 +64,22 @@ def parse_top_k(raw: Any, default: int = 5) -> int:
     return value
 
 
+_NUMBER = re.compile(r"\+?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,3})?")
+
+
+def parse_threshold(form) -> Optional[float]:
+    """The optional ``threshold`` form field: a number in [0, 1]; None when absent; 422 for anything else."""
+    if "threshold" not in form:
+        return None
+    raw = form.get("threshold")
+    if not isinstance(raw, str):
+        raise HTTPError(422, "threshold must be a number between 0 and 1, got a file upload")
+    text = raw.strip()
+    if not _NUMBER.fullmatch(text[:40]) or len(text) > 40 or not 0.0 <= float(text) <= 1.0:
+        raise HTTPError(422, f"threshold must be a number between 0 and 1, got {text[:20]!r}")
+    return float(text)
+
+
 def text_field(form, name: str) -> Optional[str]:
     """A form's text field, stripped; None when absent or blank; 422 when it is a file."""
     value = form.get(name)

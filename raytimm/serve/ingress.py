@@ -25,8 +25,8 @@ import raytimm
 from raytimm import storage
 from raytimm.envvars import API_TOKEN_ENV
 from raytimm.errors import RaytimmError
-from raytimm.serve.http import (MAX_FILES, HTTPError, check_name_syntax, error_status, int_field, parse_top_k,
-                                text_field)
+from raytimm.serve.http import (MAX_FILES, HTTPError, check_name_syntax, error_status, int_field, parse_threshold,
+                                parse_top_k, text_field)
 from raytimm.serve import page, training
 from raytimm.serve.metrics import RequestMetricsMiddleware
 from raytimm.serve.model import multiplexed_id
@@ -105,6 +105,7 @@ class Ingress:
         token_value = token.get_secret_value() if isinstance(token, SecretStr) else None
         self._token = (token_value or os.environ.get(API_TOKEN_ENV) or "").encode() or None
         # training_api: TrainingService's arguments (app.py), None when the API is off.
+        self._training_api = training_api is not None
         training.install(training.TrainingService(**training_api) if training_api else None, self._check_auth)
         page.install(auth_required=self._token is not None, training=training_api is not None)
         self._allow: list = []
@@ -206,9 +207,10 @@ class Ingress:
                 raise result
         return list(decoded)
 
-    async def _run(self, images: list, top_k: int, model_id: Optional[str] = None) -> dict:
+    async def _run(self, images: list, top_k: int, model_id: Optional[str] = None,
+                   threshold: Optional[float] = None) -> dict:
         handle = self._model.options(multiplexed_model_id=model_id) if model_id else self._model
-        out = await self._call_model(handle, "predict", images, top_k)
+        out = await self._call_model(handle, "predict", images, top_k, threshold)
         results = out["results"]
         return results[0] if len(results) == 1 else {"results": results}
 
@@ -263,7 +265,10 @@ class Ingress:
     async def openapi_json(self, request: Request):
         """The OpenAPI document (multipart forms, answers, error bodies), behind the API token."""
         with self._accepted(request):
-            return with_security_scheme(app.openapi())
+            doc = with_security_scheme(app.openapi())
+            if not self._training_api:  # the /training routes answer 404 then: not part of this server's API
+                doc = dict(doc, paths={p: v for p, v in doc["paths"].items() if not p.startswith("/training")})
+            return doc
 
     @app.get("/model", responses=MODEL_RESPONSES, openapi_extra=AUTH_ONLY)
     async def model(self, request: Request):
@@ -273,20 +278,23 @@ class Ingress:
 
     @app.post("/predict", responses=PREDICT_RESPONSES, openapi_extra=PREDICT_FORM)
     async def predict(self, request: Request):
-        """multipart `file` (repeatable) and `top_k` -> one result, or {"results": [...]} for several files."""
+        """multipart `file` (repeatable), `top_k` and `threshold` (multi-label models) -> one result, or
+        {"results": [...]} for several files."""
         with self._accepted(request):
             form = await self._read_form(request)
             query_k = parse_top_k(request.query_params.get("top_k"))  # checked even where the form's wins
             top_k = parse_top_k(form["top_k"]) if "top_k" in form else query_k
+            threshold = parse_threshold(form)
             images = await self._decode_files(form)
-            return await self._run(images, top_k)
+            return await self._run(images, top_k, threshold=threshold)
 
     @app.post("/inference/quick", responses=QUICK_RESPONSES, openapi_extra=QUICK_FORM)
     async def inference_quick(self, request: Request):
-        """The platform's form: file, training_job_id, model_name, num_classes, checkpoint_path?, top_k."""
+        """The platform's form: file, training_job_id, model_name, num_classes, checkpoint_path?, top_k, threshold?."""
         with self._accepted(request):
             form = await self._read_form(request)
             top_k = parse_top_k(form.get("top_k"))
+            threshold = parse_threshold(form)
             model_name = text_field(form, "model_name")
             num_classes = int_field(form, "num_classes")
             path = text_field(form, "checkpoint_path")
@@ -295,7 +303,7 @@ class Ingress:
             else:
                 model_id = await self._check_pretrained(model_name)
             images = await self._decode_files(form)
-            return await self._run(images, top_k, model_id)
+            return await self._run(images, top_k, model_id, threshold)
 
     async def _check_pretrained(self, model_name: Optional[str]) -> str:
         """404/422 before anything is built (see serve/pretrained.py); the multiplexed model id."""

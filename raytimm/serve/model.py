@@ -30,14 +30,19 @@ def multiplexed_id(kind: str, uri: Optional[str] = None, model_name: Optional[st
 
 
 def load_from_model_id(model_id: str, *, weights_dir: Optional[str], max_pixels: int, device: Optional[str],
-                       allow_hub: bool = False):
+                       allow_hub: bool = False, backend: str = "torch", num_threads: Optional[int] = None):
     """Build a Predictor for a multiplexed model id (runs in a worker thread, for a request: a bucket
-    checkpoint is read with the request's short retry budget, so an outage answers 502 in seconds)."""
+    checkpoint is read with the request's short retry budget, so an outage answers 502 in seconds).
+
+    Checkpoints run on ``backend``; pretrained models always run on torch (there is no checkpoint to export).
+    """
     with storage.retry_budget(storage.REQUEST_MAX_ATTEMPTS):
-        return _load(model_id, weights_dir=weights_dir, max_pixels=max_pixels, device=device, allow_hub=allow_hub)
+        return _load(model_id, weights_dir=weights_dir, max_pixels=max_pixels, device=device, allow_hub=allow_hub,
+                     backend=backend, num_threads=num_threads)
 
 
-def _load(model_id: str, *, weights_dir: Optional[str], max_pixels: int, device: Optional[str], allow_hub: bool):
+def _load(model_id: str, *, weights_dir: Optional[str], max_pixels: int, device: Optional[str], allow_hub: bool,
+          backend: str, num_threads: Optional[int]):
     from raytimm.predict import Predictor
     if model_id.startswith("pretrained:"):
         name = model_id[len("pretrained:"):]
@@ -45,11 +50,12 @@ def _load(model_id: str, *, weights_dir: Optional[str], max_pixels: int, device:
         weights = available_weights(name, weights_dir, allow_hub)
         return Predictor.pretrained(name, pretrained_file=weights, weights_dir=weights_dir, device=device,
                                     max_pixels=max_pixels)
+    on = dict(device=device, max_pixels=max_pixels, backend=backend, num_threads=num_threads)
     if model_id.startswith("{"):
         spec = json.loads(model_id)
         return Predictor.from_checkpoint(spec["uri"], model_name=spec["model_name"],
-                                         num_classes=spec["num_classes"], device=device, max_pixels=max_pixels)
-    return Predictor.from_checkpoint(model_id, device=device, max_pixels=max_pixels)
+                                         num_classes=spec["num_classes"], **on)
+    return Predictor.from_checkpoint(model_id, **on)
 
 
 def _replica_id() -> Optional[str]:
@@ -75,13 +81,16 @@ class ModelServer:
 
     def __init__(self, *, weights_dir: Optional[str] = None, max_models: int = DEFAULTS.max_models,
                  num_threads: Optional[int] = None, device: Optional[str] = None,
-                 allow_hub: bool = DEFAULTS.allow_hub):
+                 allow_hub: bool = DEFAULTS.allow_hub, backend: str = DEFAULTS.backend):
         import torch
 
         from raytimm.logs import worker_logging_setup
+        from raytimm.predict import check_backend
         worker_logging_setup()
-        threads = num_threads or _assigned_cpus()
-        torch.set_num_threads(max(1, int(threads)))
+        # torch's and ONNX Runtime's intra-op threads: the replica's CPUs (ORT would take every core otherwise).
+        self._threads = max(1, int(num_threads or _assigned_cpus()))
+        torch.set_num_threads(self._threads)
+        self._backend = check_backend(backend)
         self._weights_dir = weights_dir or os.environ.get(WEIGHTS_DIR_ENV)
         self._device = device
         self._allow_hub = bool(allow_hub)
@@ -109,7 +118,8 @@ class ModelServer:
         start = time.monotonic()
         predictor = await asyncio.to_thread(load_from_model_id, model_id, weights_dir=self._weights_dir,
                                             max_pixels=self._max_pixels, device=self._device,
-                                            allow_hub=self._allow_hub)
+                                            allow_hub=self._allow_hub, backend=self._backend,
+                                            num_threads=self._threads)
         self._metrics.record_load("multiplexed", time.monotonic() - start)
         return predictor
 
@@ -131,7 +141,8 @@ class ModelServer:
             # Load fully in a thread first: requests keep using the old predictor meanwhile.
             new = await asyncio.to_thread(Predictor.from_checkpoint, spec["checkpoint"],
                                           model_name=spec["model_name"], num_classes=spec["num_classes"],
-                                          device=self._device, max_pixels=self._max_pixels)
+                                          device=self._device, max_pixels=self._max_pixels,
+                                          backend=self._backend, num_threads=self._threads)
         except Exception as exc:  # noqa: BLE001 - any load failure must leave the old model serving
             if self._predictor is None:
                 raise  # nothing to fall back to: the replica fails to start, with this error
@@ -169,23 +180,26 @@ class ModelServer:
     def metadata(self) -> dict:
         """Metadata of the served model plus reload status."""
         if self._predictor is None:
-            return {"loaded": False, "reload_error": self._reload_error}
+            return {"loaded": False, "backend": self._backend, "reload_error": self._reload_error}
         meta = self._predictor.metadata()
         meta.update(loaded=True, requested_checkpoint=(self._spec or {}).get("checkpoint"),
                     loaded_at=self._loaded_at, reload_error=self._reload_error, replica=_replica_id(),
                     pid=os.getpid())  # the replica's process, for resident-memory checks
         return meta
 
-    async def predict(self, images: list, top_k: int) -> dict:
-        """Top-k for decoded RGB arrays with the served model, or the multiplexed one for this request."""
+    async def predict(self, images: list, top_k: int, threshold: Optional[float] = None) -> dict:
+        """Top-k (and, multi-label, the labels reaching their threshold) for decoded RGB arrays with the served
+        model, or the multiplexed one for this request; ``threshold`` overrides a multi-label model's."""
         try:
             model_id = serve.get_multiplexed_model_id()
             predictor = await self._get_model(model_id) if model_id else self._predictor
             if predictor is None:
                 raise HTTPError(503, "no model loaded yet")
+            if threshold is not None:
+                predictor.label_thresholds(threshold)  # 422 for a single-label model, before any work
             tensors = await asyncio.to_thread(lambda: [predictor.preprocess(a) for a in images])
             k = predictor.clamp_top_k(top_k)
-            results = await asyncio.gather(*(self._infer((predictor, t, k)) for t in tensors))
+            results = await asyncio.gather(*(self._infer((predictor, t, k, threshold)) for t in tensors))
             return {"results": list(results)}
         except Exception as exc:  # noqa: BLE001 - answer with a status, never let Serve turn it into a 500 page
             if error_status(exc) >= 500 and not isinstance(exc, HTTPError):
@@ -198,14 +212,15 @@ class ModelServer:
         import torch
         out: list = [None] * len(items)
         groups: dict = {}
-        for i, (predictor, _, _) in enumerate(items):
+        for i, (predictor, _, _, _) in enumerate(items):
             groups.setdefault(id(predictor), []).append(i)
         for idx in groups.values():
             predictor = items[idx[0]][0]
             batch = torch.stack([items[i][1] for i in idx])
             ks = [items[i][2] for i in idx]
+            thresholds = [items[i][3] for i in idx]  # per request: batched requests may differ
             # Off the event loop, so the next batch can queue while this one runs.
-            results = await asyncio.to_thread(predictor.predict_tensor_batch, batch, ks)
+            results = await asyncio.to_thread(predictor.predict_tensor_batch, batch, ks, thresholds)
             self._metrics.record_batch(len(idx))
             self._metrics.record_predictions(predictor.model_name, predictor.num_classes, results)
             for i, r in zip(idx, results):

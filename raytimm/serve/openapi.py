@@ -34,10 +34,13 @@ class ClassScore(BaseModel):
 class Prediction(BaseModel):
     """The answer for one image."""
 
-    task_type: str
-    top_k_predictions: list[ClassScore]
+    task_type: str = Field(description="'image_classification', or 'multi_label_classification' for a multi-label "
+                                       "model (scores are then independent sigmoids, not a softmax)")
+    top_k_predictions: list[ClassScore] = Field(description="The top_k scores, highest first")
     predicted_class: str
     confidence: float
+    labels: Optional[list[ClassScore]] = Field(None, description="Multi-label models only: every label whose score "
+                                                                "reaches its threshold, highest first (may be empty)")
 
 
 class Predictions(BaseModel):
@@ -78,11 +81,16 @@ _FILES = {"type": "array", "minItems": 1, "maxItems": MAX_FILES, "items": {"type
 _TOP_K = {"type": "integer", "minimum": 1, "default": 5, "description": "Predictions per image (clamped to the "
                                                                         "class count)."}
 
-PREDICT_FORM = _form({"file": _FILES, "top_k": _TOP_K}, ["file"])
+_THRESHOLD = {"type": "number", "minimum": 0, "maximum": 1,
+              "description": "Multi-label models only: the score a label needs to be in `labels`, for every label "
+                             "(overrides the checkpoint's per-label thresholds for this request). A single-label "
+                             "model answers 422."}
+
+PREDICT_FORM = _form({"file": _FILES, "top_k": _TOP_K, "threshold": _THRESHOLD}, ["file"])
 PREDICT_FORM["parameters"] = [{"name": "top_k", "in": "query", "required": False, "schema": _TOP_K,
                                "description": "Same as the form field (the form field wins)."}]
 QUICK_FORM = _form({
-    "file": _FILES, "top_k": _TOP_K,
+    "file": _FILES, "top_k": _TOP_K, "threshold": _THRESHOLD,
     "checkpoint_path": {"type": "string", "description": "Checkpoint folder, run/tune folder or legacy .pt under an "
                                                          "allowed prefix (local, s3:// or r2://); without it the "
                                                          "pretrained ImageNet model_name is used."},

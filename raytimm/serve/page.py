@@ -45,13 +45,14 @@ def index_html(*, auth_required: bool, training: bool) -> str:
             .replace("__TRAINING__", "on" if training else "off"))
 
 
-@router.get("/", response_class=HTMLResponse)
+# Not API routes (HTML and static files): kept out of the OpenAPI document.
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def page():
     """The page (public: it holds no data; its API calls carry the token)."""
     return HTMLResponse(index_html(auth_required=_flags["auth"], training=_flags["training"]), headers=HEADERS)
 
 
-@router.get("/web/{name}")
+@router.get("/web/{name}", include_in_schema=False)
 async def web_file(name: str):
     """The page's script and style sheet (only the files listed in STATIC)."""
     if name not in STATIC:

@@ -11,7 +11,7 @@ from typing import Optional
 from ray import serve
 
 from raytimm.errors import RaytimmError
-from raytimm.serve.app import deploy
+from raytimm.serve.app import check_backend_installed, deploy
 from raytimm.serve.capacity import shortfalls
 from raytimm.serve.settings import APP_NAME, QUIET_LOGGING, ServeArgs, ServeSettings, check_training_api
 
@@ -129,6 +129,7 @@ def run_server(settings: ServeSettings, *, block: bool = True, ready_timeout_s: 
     args = settings.app_args()
     from raytimm import checkpoint as ckpt
     ckpt.resolve_checkpoint(args.checkpoint)  # before starting Ray: a typo fails in a second, not a minute
+    check_backend_installed(args)  # likewise a missing raytimm[onnx]
     host, port = settings.host, settings.port
     check_training_api(args, host=host)  # before Ray starts: the training API's own settings
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"

@@ -13,7 +13,7 @@ import argparse
 import difflib
 import ipaddress
 import os
-from typing import Any, Callable, ClassVar, Optional, Union, get_args, get_origin
+from typing import Any, Callable, ClassVar, Literal, Optional, Union, get_args, get_origin
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -48,7 +48,12 @@ class ServeArgs(BaseModel):
     allow_checkpoint_root: bool = Field(True, description="Also allow the served checkpoint's storage root (its "
                                                           "bucket, or a local run folder's parent).")
     max_models: int = Field(4, ge=1, description="Checkpoints cached per model replica for /inference/quick (LRU).")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs per model replica (its torch threads follow them).")
+    backend: Literal["torch", "onnx"] = Field("torch", description="Inference backend of the model replicas: "
+                                                                  "torch (eager PyTorch) or onnx (ONNX Runtime; a "
+                                                                  "checkpoint is exported once per node, an export "
+                                                                  "folder runs as is; needs raytimm[onnx]).")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per model replica (its torch or ONNX Runtime threads "
+                                                   "follow them).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica; a fraction shares a GPU.")
     ingress_num_cpus: float = Field(0.1, ge=0, description="CPUs per HTTP ingress replica (images decode there).")
     ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas.")
@@ -251,6 +256,7 @@ def add_arguments(parser: argparse.ArgumentParser, model: type = ServeSettings) 
         if name in model.ENV_ONLY:
             continue
         tp = _plain_type(field.annotation)
+        choices = get_args(field.annotation) if tp is Literal else None
         default = field.get_default(call_default_factory=True)
         shown = "none" if default is None else default
         doc = (field.description or "").replace("%", "%%")
@@ -262,6 +268,8 @@ def add_arguments(parser: argparse.ArgumentParser, model: type = ServeSettings) 
             kw["help"] = doc + " Repeatable."
         elif tp is dict:
             kw.update(type=_mapping, metavar="YAML")
+        elif choices:
+            kw.update(type=str, choices=list(choices))
         else:
             kw.update(type=tp if tp in (int, float) else str, metavar=name.upper())
         parser.add_argument(_flag(name), **kw)
