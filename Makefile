@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/serve_soak.py
 	$(PY) benchmarks/serve_replica_loss.py
 	$(PY) benchmarks/batch_predict.py
+	$(PY) benchmarks/bucket_outage.py
 
 clean:
 	rm -rf $(DEMO) runs .pytest_cache

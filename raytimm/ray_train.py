@@ -30,7 +30,7 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 from raytimm import runs, storage  # noqa: E402
 from raytimm.envvars import forwarded_env  # noqa: E402
 from raytimm.config import Config, config_from_dict, config_to_dict, dump_yaml, flatten_config  # noqa: E402
-from raytimm.errors import CheckpointError, RaytimmError, is_retryable  # noqa: E402
+from raytimm.errors import CheckpointError, RaytimmError, StorageError, is_retryable  # noqa: E402
 
 log = logging.getLogger("raytimm.train")
 
@@ -124,10 +124,7 @@ def train_loop_per_worker(config: dict) -> None:
                          checkpoint_upload_fn=upload_fn if ckpt else None)
 
     with tempfile.TemporaryDirectory(prefix="raytimm-resume-") as tmp:
-        resume_dir = None
-        latest = ray.train.get_checkpoint()
-        if latest is not None:
-            resume_dir = latest.to_directory(os.path.join(tmp, "ckpt"))
+        resume_dir, resume_uri = _resume_checkpoint(run_dir, cfg.storage.path, os.path.join(tmp, "ckpt"))
         try:
             engine.fit(
                 cfg,
@@ -141,9 +138,28 @@ def train_loop_per_worker(config: dict) -> None:
         except CheckpointError as e:
             # Name the checkpoint the user can find, not this worker's temporary copy of it.
             if resume_dir and resume_dir in str(e):
-                scheme = storage.parse_uri(cfg.storage.path).scheme
-                raise CheckpointError(str(e).replace(resume_dir, checkpoint_uri(latest.path, scheme))) from None
+                raise CheckpointError(str(e).replace(resume_dir, resume_uri)) from None
             raise
+
+
+def _resume_checkpoint(run_dir: str, storage_path: str, dest: str) -> tuple[Optional[str], Optional[str]]:
+    """(local folder, URI) of the checkpoint to resume from, or (None, None) for a fresh start.
+
+    Ray's latest, unless the run folder holds a newer complete checkpoint: Ray records checkpoints in
+    its own file (checkpoint_manager_snapshot.json, written by the controller after each report), and a
+    bucket outage can fail that write after the checkpoint itself was uploaded. The folder is the truth
+    (runs.py), so a rerun resumes from its newest complete checkpoint and never trains it again.
+    """
+    latest = ray.train.get_checkpoint()
+    ray_epoch = runs.checkpoint_epoch(latest.path) if latest is not None else None
+    newest = runs.newest_complete(run_dir)
+    if newest is not None and (ray_epoch is None or newest[1] > ray_epoch):
+        log.warning("resuming from %s: Ray Train's own record %s", newest[0],
+                    f"ends at epoch {ray_epoch}" if ray_epoch is not None else "has no checkpoint")
+        return storage.download(newest[0], dest), newest[0]
+    if latest is not None:
+        return latest.to_directory(dest), checkpoint_uri(latest.path, storage.parse_uri(storage_path).scheme)
+    return None, None
 
 
 def _bucket_upload_fn(run_dir: str):
@@ -409,8 +425,11 @@ def train(cfg: Config, *, mlflow_parent_run_id: Optional[str] = None, callbacks:
     if error is not None:
         if logger is not None:
             logger.finish("FAILED")
-        _mark_failed(folder, f"training run {run_name!r} failed: {_failure_line(error)}")
-        raise training_error(run_name, error) from None
+        failure = training_error(run_name, error, scheme=scheme)
+        # A bucket outage that outlasted the retries: the StorageError naming the URI, in progress.json too.
+        line = f"StorageError: {failure}" if isinstance(failure, StorageError) else _failure_line(error)
+        _mark_failed(folder, f"training run {run_name!r} failed: {line}")
+        raise failure from None
     folder.reload()  # the controller's callback published every epoch since start()
 
     best = runs.best_of(sorted(result.best_checkpoints or [], key=lambda cm: float(cm[1].get("epoch", 0))),
@@ -447,12 +466,19 @@ def _first_failure(error: BaseException) -> tuple[Optional[int], BaseException]:
     return None, error
 
 
-def training_error(run_name: str, error: BaseException) -> RaytimmError:
+def training_error(run_name: str, error: BaseException, *, scheme: str = "file") -> RaytimmError:
     """One line for a failed run: a worker's raytimm error as it was raised (e.g. a StorageError
-    that outlasted run.max_failures restarts), else the first failure named."""
+    that outlasted run.max_failures restarts), pyarrow's S3 error from Ray Train's own files as a
+    StorageError naming the URI (``scheme``: storage.path's), else the first failure named."""
     rank, cause = _first_failure(error)
     if isinstance(cause, RaytimmError):
         return cause
+    if scheme in ("s3", "r2"):  # the controller writes checkpoint_manager_snapshot.json & co. with pyarrow
+        from raytimm.storage.arrowfs import arrow_storage_error
+
+        failed_storage = arrow_storage_error(cause, scheme)
+        if failed_storage is not None:
+            return failed_storage
     if rank is None:
         return RaytimmError(f"training run {run_name!r} failed: {type(cause).__name__}: {runs.error_line(cause)}")
     return RaytimmError(f"training run {run_name!r} failed on worker rank {rank}: {type(cause).__name__}: "

@@ -148,6 +148,12 @@ def list_checkpoints(run_dir_uri: str) -> list[tuple[str, int, bool]]:
             for name, names in sorted(files.items(), key=lambda kv: checkpoint_epoch(kv[0]))]
 
 
+def newest_complete(run_dir_uri: str) -> Optional[tuple[str, int]]:
+    """(URI, epoch) of the run folder's newest complete checkpoint, or None: where a rerun resumes."""
+    done = [(uri, epoch) for uri, epoch, complete in list_checkpoints(run_dir_uri) if complete]
+    return done[-1] if done else None
+
+
 def persist_checkpoint(local_dir: str, dest: str, *, move: bool = False) -> str:
     """Copy a finished local checkpoint folder to ``dest`` (folder or bucket prefix); meta.json lands last.
 

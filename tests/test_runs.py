@@ -229,6 +229,20 @@ def test_status_prints_a_summary_or_the_json_and_names_a_missing_file(tmp_path, 
     assert err.startswith("error: ") and str(tmp_path / "nothing" / "progress.json") in err
 
 
+def test_newest_complete_skips_a_partial_checkpoint(tmp_path):
+    """Where a rerun resumes: the newest folder with model.safetensors and meta.json, not a half-uploaded one."""
+    run = tmp_path / "run"
+    assert runs.newest_complete(str(run)) is None
+    for epoch, names in ((1, ("model.safetensors", "train_state.pt", "meta.json")),
+                         (2, ("model.safetensors", "train_state.pt", "meta.json")),
+                         (3, ("model.safetensors", "train_state.pt"))):  # meta.json goes last: 3 is partial
+        folder = run / runs.checkpoint_dir_name(epoch)
+        folder.mkdir(parents=True)
+        for name in names:
+            (folder / name).write_bytes(b"x")
+    assert runs.newest_complete(str(run)) == (str(run / "checkpoint_000002"), 2)
+
+
 def test_status_lines_show_balanced_accuracy_and_multi_label_metrics():
     single = runs.format_progress({"run_name": "r", "status": "running", "epoch": 1, "epochs": 2,
                                    "metrics": {"val/top1": 90.0, "val/balanced_acc": 61.5, "val/loss": 0.3}})

@@ -583,3 +583,21 @@ def test_secrets_never_in_errors(s3_env, s3_auth_server, monkeypatch):
         text = str(err.value) + repr(err.value)
         assert access not in text and secret not in text
         assert err.value.__cause__ is None and err.value.__suppress_context__  # no raw botocore chain
+
+
+def test_pyarrow_s3_error_becomes_a_storage_error_naming_the_uri():
+    """Ray Train writes its own files with pyarrow; its S3 errors become one line naming scheme://bucket/key."""
+    from raytimm.storage.arrowfs import arrow_storage_error
+
+    refused = OSError("When initiating multiple part upload for key 'runs/r/checkpoint_manager_snapshot.json' in "
+                      "bucket 'b': AWS Error NETWORK_CONNECTION during CreateMultipartUpload operation: curlCode: 7, "
+                      "Could not connect to server; Details: Failed to connect to 127.0.0.1 port 9 after 0 ms")
+    err = arrow_storage_error(refused, "r2")
+    assert isinstance(err, StorageError)
+    assert str(err).startswith("r2://b/runs/r/checkpoint_manager_snapshot.json: cannot reach the storage endpoint")
+    assert "\n" not in str(err) and "127.0.0.1" not in str(err)
+    denied = OSError("When reading information for key 'k' in bucket 'b': AWS Error ACCESS_DENIED during "
+                     "HeadObject operation: No response body.")
+    assert str(arrow_storage_error(denied, "s3")) == "s3://b/k: HeadObject failed (ACCESS_DENIED; Ray Train's own file)"
+    assert arrow_storage_error(OSError("disk full"), "s3") is None
+    assert arrow_storage_error(ValueError("for key 'k' in bucket 'b'"), "s3") is None

@@ -121,3 +121,29 @@ def test_outage_longer_than_the_retries_fails_naming_the_uri(s3_outage, tmp_path
     assert leftovers == []  # no partial file at the target, no temp file beside it
     storage.download(env.uri("kept.bin"), str(dest))  # and the store answers again once it is back
     assert dest.read_bytes() == b"kept"
+
+
+def test_retry_budget_shortens_retries_for_its_scope_only(s3_outage):
+    """Serve reads a request's checkpoint inside retry_budget(REQUEST_MAX_ATTEMPTS): that scope's calls
+    make fewer attempts and fail with the URI during an outage; other threads keep the full budget."""
+    import threading
+
+    env, proxy = s3_outage
+    assert storage.s3_client("s3").meta.config.retries["total_max_attempts"] == storage.MAX_ATTEMPTS
+    other: list[int] = []
+    with storage.retry_budget(storage.REQUEST_MAX_ATTEMPTS):
+        assert storage.s3_client("s3").meta.config.retries["total_max_attempts"] == storage.REQUEST_MAX_ATTEMPTS
+        t = threading.Thread(target=lambda: other.append(
+            storage.s3_client("s3").meta.config.retries["total_max_attempts"]))
+        t.start()
+        t.join()
+        proxy.cut()
+        try:
+            with pytest.raises(StorageError) as err:
+                storage.exists(env.uri("runs/r/checkpoint_000001/meta.json"))
+        finally:
+            proxy.restore()
+    assert other == [storage.MAX_ATTEMPTS]
+    assert str(err.value).startswith(env.uri("runs/r/checkpoint_000001/meta.json") + ": ")
+    assert storage.s3_client("s3").meta.config.retries["total_max_attempts"] == storage.MAX_ATTEMPTS
+    assert not storage.exists(env.uri("runs/r/checkpoint_000001/meta.json"))  # answered again once back

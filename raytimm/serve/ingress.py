@@ -22,6 +22,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import raytimm
+from raytimm import storage
 from raytimm.envvars import API_TOKEN_ENV
 from raytimm.errors import RaytimmError
 from raytimm.serve.http import (MAX_FILES, HTTPError, check_name_syntax, error_status, int_field, parse_threshold,
@@ -69,6 +70,13 @@ async def _unexpected(_: Request, exc: Exception):
     # A bug, not the client's fault; never a stack trace on the wire.
     log.error("unexpected error: %s: %s", type(exc).__name__, exc)
     return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
+def _resolve_for_request(uri: str):
+    """resolve_checkpoint with a request's short retry budget: a bucket outage answers 502 in seconds."""
+    from raytimm import checkpoint as ckpt
+    with storage.retry_budget(storage.REQUEST_MAX_ATTEMPTS):
+        return ckpt.resolve_checkpoint(uri)
 
 
 def _replay(body: bytes):
@@ -225,9 +233,8 @@ class Ingress:
     async def _resolve_request_checkpoint(self, path: str, model_name: Optional[str],
                                           num_classes: Optional[int]) -> str:
         """403 for disallowed paths (before any access), 404 for missing ones; the multiplexed model id."""
-        from raytimm import checkpoint as ckpt
         uri = check_checkpoint_path(path, self._allow)
-        resolved = await asyncio.to_thread(ckpt.resolve_checkpoint, uri)  # 404/422/502 via error_status
+        resolved = await asyncio.to_thread(_resolve_for_request, uri)  # 404/422/502 via error_status
         check_resolved_path(resolved.uri, self._allow)
         if resolved.kind == "legacy_pt":
             if not model_name or not num_classes:

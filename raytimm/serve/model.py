@@ -9,6 +9,7 @@ from typing import Optional
 
 from ray import serve
 
+from raytimm import storage
 from raytimm.envvars import WEIGHTS_DIR_ENV
 from raytimm.serve.http import HTTPError, check_pretrained_name, error_payload, error_status
 from raytimm.serve.metrics import ModelMetrics
@@ -30,10 +31,18 @@ def multiplexed_id(kind: str, uri: Optional[str] = None, model_name: Optional[st
 
 def load_from_model_id(model_id: str, *, weights_dir: Optional[str], max_pixels: int, device: Optional[str],
                        allow_hub: bool = False, backend: str = "torch", num_threads: Optional[int] = None):
-    """Build a Predictor for a multiplexed model id (runs in a worker thread).
+    """Build a Predictor for a multiplexed model id (runs in a worker thread, for a request: a bucket
+    checkpoint is read with the request's short retry budget, so an outage answers 502 in seconds).
 
     Checkpoints run on ``backend``; pretrained models always run on torch (there is no checkpoint to export).
     """
+    with storage.retry_budget(storage.REQUEST_MAX_ATTEMPTS):
+        return _load(model_id, weights_dir=weights_dir, max_pixels=max_pixels, device=device, allow_hub=allow_hub,
+                     backend=backend, num_threads=num_threads)
+
+
+def _load(model_id: str, *, weights_dir: Optional[str], max_pixels: int, device: Optional[str], allow_hub: bool,
+          backend: str, num_threads: Optional[int]):
     from raytimm.predict import Predictor
     if model_id.startswith("pretrained:"):
         name = model_id[len("pretrained:"):]

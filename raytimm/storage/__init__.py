@@ -4,7 +4,8 @@ One module per job; the public API is re-exported here, so callers write ``stora
 
 - :mod:`~raytimm.storage.uri`: parse, normalise and join URIs; ``local_path`` strips ``file://``.
 - :mod:`~raytimm.storage.clients`: endpoint and region (**process settings**, set by ``configure``;
-  see that module for why), boto3 and pyarrow clients with deliberate retries, errors -> StorageError.
+  see that module for why), boto3 and pyarrow clients with deliberate retries (``retry_budget`` shortens
+  them for a call someone waits on), errors -> StorageError.
 - :mod:`~raytimm.storage.objects`: list, exists, read, write, delete.
 - :mod:`~raytimm.storage.transfer`: upload and download with fixed-size multipart parts (R2).
 - :mod:`~raytimm.storage.staging`: a bucket prefix mirrored into the node cache, kept current by ETag.
@@ -16,11 +17,13 @@ from raytimm.storage.clients import (
     PROBE_MAX_ATTEMPTS,
     PYARROW_MAX_ATTEMPTS,
     READ_TIMEOUT_S,
+    REQUEST_MAX_ATTEMPTS,
     RETRY_MODE,
     client_config,
     configure,
     endpoint_for,
     get_filesystem,
+    retry_budget,
     s3_client,
 )
 from raytimm.storage.objects import (
@@ -40,9 +43,9 @@ from raytimm.storage.uri import SCHEMES, StorageURI, is_remote, join, local_path
 
 __all__ = [
     "CONNECT_TIMEOUT_S", "DEFAULT_PART_SIZE", "MAX_ATTEMPTS", "MIN_PART_SIZE", "PREFLIGHT_WANTS",
-    "PROBE_MAX_ATTEMPTS", "PYARROW_MAX_ATTEMPTS", "READ_TIMEOUT_S", "RETRY_MODE", "SCHEMES", "ObjectInfo",
-    "StageResult", "StorageURI", "cache_dir_name", "client_config", "configure", "delete", "download",
+    "PROBE_MAX_ATTEMPTS", "PYARROW_MAX_ATTEMPTS", "READ_TIMEOUT_S", "REQUEST_MAX_ATTEMPTS", "RETRY_MODE", "SCHEMES",
+    "ObjectInfo", "StageResult", "StorageURI", "cache_dir_name", "client_config", "configure", "delete", "download",
     "endpoint_for", "exists", "get_filesystem", "is_remote", "join", "list_files", "local_path", "normalize",
-    "parse_uri", "preflight", "read_bytes", "read_text", "s3_client", "stage", "stage_prefix", "upload",
-    "write_bytes", "write_text",
+    "parse_uri", "preflight", "read_bytes", "read_text", "retry_budget", "s3_client", "stage", "stage_prefix",
+    "upload", "write_bytes", "write_text",
 ]

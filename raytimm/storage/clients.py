@@ -26,6 +26,7 @@ formatting a botocore exception.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import os
 import threading
@@ -53,6 +54,11 @@ RETRY_MODE = "legacy"
 MAX_ATTEMPTS = 8
 # The preflight answers someone at a terminal: a wrong endpoint must fail in a second, not minutes.
 PROBE_MAX_ATTEMPTS = 3
+# A call someone is waiting on (an HTTP request to Serve: /inference/quick resolving and loading a bucket
+# checkpoint) retries as briefly, inside ``retry_budget(REQUEST_MAX_ATTEMPTS)``: 2 waits of at most 1 s and
+# 2 s, so an outage is answered with a 502 in seconds; with MAX_ATTEMPTS the request would hang for a
+# minute or two (measured: see BENCHMARKS.md "Reliability") and the client's own timeout would answer.
+REQUEST_MAX_ATTEMPTS = 3
 # pyarrow's S3FileSystem (Ray's storage_filesystem: Ray's own files, resume downloads) retries with the
 # AWS C++ SDK. Its default strategy waits 25 ms * 2**i before retry i, without jitter (against a closed
 # port: 8 attempts gave up after 6.4 s, 10 after 25.6 s), so 10 attempts always wait 25.5 s in all.
@@ -183,6 +189,20 @@ def _explicit_credentials(scheme: str, label: str = "r2://") -> dict[str, str]:
 
 _CLIENTS: dict[tuple, object] = {}
 _CLIENTS_LOCK = threading.Lock()
+# Attempts for the storage calls of one scope (a thread, or an asyncio task and the threads it hands
+# work to with asyncio.to_thread, which copies the context); None: the process's budget.
+_SCOPED_ATTEMPTS: contextvars.ContextVar[int | None] = contextvars.ContextVar("raytimm_storage_attempts",
+                                                                               default=None)
+
+
+@contextlib.contextmanager
+def retry_budget(attempts: int) -> Iterator[None]:
+    """Storage calls in this block (this thread or task only) make at most ``attempts`` attempts each."""
+    token = _SCOPED_ATTEMPTS.set(max(1, int(attempts)))
+    try:
+        yield
+    finally:
+        _SCOPED_ATTEMPTS.reset(token)
 
 
 def client_config(scheme: str, endpoint: str | None, *, attempts: int = MAX_ATTEMPTS):
@@ -222,7 +242,8 @@ def s3_client(scheme: str, *, probe: bool = False):
     scheme = _scheme_of(scheme)
     endpoint = endpoint_for(scheme, uri=label)
     region_name = _region_for(scheme)
-    attempts = PROBE_MAX_ATTEMPTS if probe else max_attempts()
+    scoped = _SCOPED_ATTEMPTS.get()
+    attempts = PROBE_MAX_ATTEMPTS if probe else min(scoped, max_attempts()) if scoped else max_attempts()
     cache_key = (scheme, endpoint, region_name, attempts, _credentials_fingerprint())
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(cache_key)
