@@ -67,7 +67,10 @@ def test_matches_evaluate_with_two_actors(cluster, run_dir, tmp_path):
 
 
 @pytest.mark.s3
-def test_bucket_in_and_out_with_bad_files(cluster, run_dir, s3_env):
+@pytest.mark.parametrize("scheme", ["s3", "r2"])
+def test_bucket_in_and_out_with_bad_files(cluster, run_dir, s3_env, scheme):
+    """Input and output in the bucket, as s3:// and as r2:// (R2 is S3-compatible; r2:// takes its own endpoint
+    and region rules, here the test server)."""
     client = s3_env.client()
     good = {f"photos/{cls}/{i}.png": cls for cls in CLASSES for i in range(2)}
     for seed, (key, cls) in enumerate(good.items()):
@@ -76,23 +79,23 @@ def test_bucket_in_and_out_with_bad_files(cluster, run_dir, s3_env):
            "photos/bad/bomb.png": bomb_png()}
     for key, body in bad.items():
         client.put_object(Bucket=s3_env.bucket, Key=key, Body=body)
-    output = s3_env.uri("labels/run1")
-    summary = predict_to_output(run_dir, s3_env.uri("photos"), output, fmt="jsonl", concurrency=1, batch_size=4,
+    output = s3_env.uri(f"labels/{scheme}", scheme)
+    summary = predict_to_output(run_dir, s3_env.uri("photos", scheme), output, fmt="jsonl", concurrency=1, batch_size=4,
                                 shard_size=4)
     assert summary["images"] == summary["predicted"] == 9 and summary["errors"] == 3
-    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3_env.bucket, Prefix="labels/")["Contents"])
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3_env.bucket, Prefix=f"labels/{scheme}/")["Contents"])
     assert len(keys) == 3 and all(out.PART_RE.match(k.rsplit("/", 1)[1]) for k in keys), keys
     rows = {r["path"]: r for r in out.read_output(output)}
     assert len(rows) == 9
     for key, cls in good.items():
-        row = rows[s3_env.uri(key)]
+        row = rows[s3_env.uri(key, scheme)]
         assert (row["predicted_class"], row["error"]) == (cls, ""), row
     for key, reason in (("photos/bad/notes.jpg", "not a recognised image format"),
                         ("photos/bad/cut.jpg", "truncated"), ("photos/bad/bomb.png", "exceeds the limit")):
-        row = rows[s3_env.uri(key)]
+        row = rows[s3_env.uri(key, scheme)]
         assert row["predicted_class"] is None and row["confidence"] is None and row["top_k_classes"] is None
-        assert row["error"].startswith(s3_env.uri(key) + ": ") and reason in row["error"], row
-    again = predict_to_output(run_dir, s3_env.uri("photos"), output, fmt="jsonl", shard_size=4)
+        assert row["error"].startswith(s3_env.uri(key, scheme) + ": ") and reason in row["error"], row
+    again = predict_to_output(run_dir, s3_env.uri("photos", scheme), output, fmt="jsonl", shard_size=4)
     assert (again["skipped_shards"], again["predicted"]) == (3, 0)
 
 
