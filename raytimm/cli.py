@@ -274,6 +274,12 @@ def cmd_config_keys(a: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ parser
 
+
+def _add_legacy_pt_args(s: argparse.ArgumentParser) -> None:
+    """--model-name/--num-classes: what a legacy .pt checkpoint (weights only) does not say about itself."""
+    s.add_argument("--model-name", help="timm model name (legacy .pt checkpoints only)")
+    s.add_argument("--num-classes", type=int, help="number of classes (legacy .pt checkpoints only)")
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
@@ -368,8 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "multi-label: the file's labels, the predicted label set and every score")
     s.add_argument("--result-json", help="write top1, top5, loss, num_samples, per_class here (multi-label: mAP, "
                                          "f1_micro, f1_macro, loss, num_samples, thresholds, per_class)")
-    s.add_argument("--model-name", help="timm model name (legacy .pt checkpoints only)")
-    s.add_argument("--num-classes", type=int, help="number of classes (legacy .pt checkpoints only)")
+    _add_legacy_pt_args(s)
     s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="inference backend (default torch); onnx exports the checkpoint once into the node cache "
                         "unless it is an export folder already (needs raytimm[onnx])")
@@ -426,8 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-file-mb", type=float, default=100.0,
                    help="files larger than this become error rows without being read (default 100)")
     s.add_argument("--result-json", help="write the counts, output URI and images/s here")
-    s.add_argument("--model-name", help="timm model name (legacy .pt checkpoints only)")
-    s.add_argument("--num-classes", type=int, help="number of classes (legacy .pt checkpoints only)")
+    _add_legacy_pt_args(s)
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("export", help="export a checkpoint to ONNX, checked against PyTorch", formatter_class=fmt,
@@ -446,8 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--check-images", metavar="DIR",
                    help="also compare on up to 64 real images of this folder, through the serving eval transform")
     s.add_argument("--result-json", help="write the output, opset, size, export time and parity figures here")
-    s.add_argument("--model-name", help="timm model name (legacy .pt checkpoints only)")
-    s.add_argument("--num-classes", type=int, help="number of classes (legacy .pt checkpoints only)")
+    _add_legacy_pt_args(s)
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve", help="serve top-k predictions over HTTP with Ray Serve", formatter_class=fmt,

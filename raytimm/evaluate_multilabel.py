@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from raytimm.errors import ConfigError, DataError
-from raytimm.predict import logit_batches
+from raytimm.predict import evaluation_source, logit_batches
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +110,7 @@ def evaluate_multilabel_checkpoint(pred, data_uri: str, *, split: str = "val", b
         "thresholds": metrics["thresholds"],
         # class -> {support, ap, precision, recall, f1 (percent), threshold}, like the per-class CSV of training
         "per_class": {r["class"]: {k: v for k, v in r.items() if k != "class"} for r in metrics["per_class"]},
-        "class_names": list(pred.class_names),
-        "checkpoint": pred.source,
-        "backend": pred.backend,
-        "split": split,
-        "predictions_csv": str(predictions_csv) if predictions_csv else None,
-        "skipped": skipped,
+        **evaluation_source(pred, split=split, predictions_csv=predictions_csv, skipped=skipped),
     }
 
 

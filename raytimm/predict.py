@@ -446,6 +446,13 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, *, split: str = "val
         "num_samples": metrics["num_samples"],
         "per_class": per_class,
         "confusion_matrix": metrics["confusion_matrix"],
+        **evaluation_source(pred, split=split, predictions_csv=predictions_csv, skipped=skipped),
+    }
+
+
+def evaluation_source(pred: Predictor, *, split: str, predictions_csv, skipped: list) -> dict:
+    """The part of an evaluation's result that says what was evaluated, how, and what was skipped."""
+    return {
         "class_names": list(pred.class_names),
         "checkpoint": pred.source,
         "backend": pred.backend,
