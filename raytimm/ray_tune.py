@@ -167,6 +167,7 @@ def tune(cfg: Config) -> TuneResult:
         raise RaytimmError(f"sweep {tune_name!r} failed: {type(e).__name__}: {e}") from None
 
     result = summarize(grid, cfg, dims, tune_dir, parent.run_id if parent else None)
+    _wait_for_trial_writers()
     publish(result, cfg, dims, tune_dir)
     if parent is not None:
         _finish_mlflow(parent, result, cfg, dims, tracking_uri)
@@ -178,6 +179,47 @@ def tune(cfg: Config) -> TuneResult:
         log.warning("%d of %d trial(s) failed, e.g. %s: %s", len(failed), len(result.trials), failed[0].trial_id,
                     failed[0].error)
     return result
+
+
+# The actors that may still write a trial's folder after Tune returns: the trial's driver (Tune's
+# function-trainable actor) and the TorchTrainer controller it owns (which runs TrackingCallback).
+_TRIAL_WRITERS = ("ImplicitFunc", "TrainController")
+
+
+def _wait_for_trial_writers(timeout_s: float = 60.0) -> None:
+    """Wait until this sweep's trial drivers and Ray Train controllers have exited.
+
+    ASHA stops a trial by ending its driver; the controller the driver owns is only killed after it
+    (Ray's ownership fate-sharing is asynchronous), and until then its tracking callback may still
+    write the trial's progress.json and pointers for a report that was in flight. Had ``publish``
+    settled the trial folders first, that late write would turn ``stopped_early`` back into
+    ``running``. The actors are read from the State API that ``raytimm tune`` keeps on (the
+    dashboard); where it cannot answer, the folders are settled without waiting.
+    """
+    import time
+
+    import ray
+    from ray.util.state import list_actors
+
+    context = ray.get_runtime_context()
+    # An explicit address: "auto" fails when this machine runs more than one Ray instance.
+    address, job_id = context.gcs_address, context.get_job_id()
+    filters = [("job_id", "=", job_id), ("state", "!=", "DEAD")]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            actors = list_actors(address=address, filters=filters, timeout=10, raise_on_missing_output=False)
+        except Exception as e:  # noqa: BLE001 - no State API here: settle without waiting
+            log.debug("cannot list the trials' actors (%s); settling the trial folders now", e)
+            return
+        alive = [a for a in actors if a.class_name in _TRIAL_WRITERS]
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            log.warning("%d trial actor(s) still alive after %.0f s (%s); settling the trial folders anyway",
+                        len(alive), timeout_s, ", ".join(sorted({a.class_name for a in alive})))
+            return
+        time.sleep(0.5)
 
 
 def _make_tuner(cfg: Config, dims: Sequence[Dimension], tune_name: str, tune_dir: str,

@@ -13,6 +13,7 @@ from raytimm.predict import MULTI_LABEL_TASK_TYPE, Predictor
 from raytimm.serve.app import deploy
 from raytimm.serve.server import shutdown_server, wait_healthy
 from raytimm.serve.settings import ServeArgs
+from tests.helpers_browser import enter_token, launch_chromium, playwright, watch_errors  # noqa: F401 - fixture
 from tests.helpers_net import free_port
 from tests.test_predict import color_image, make_trained_checkpoint, png_bytes
 from tests.test_predict_multilabel import ML_CLASSES, make_multilabel_run
@@ -113,3 +114,35 @@ def test_a_single_label_model_answers_as_before_and_refuses_a_threshold(env):
                       data={"checkpoint_path": env["single"], "threshold": "0.5"}, timeout=60)
     assert r.status_code == 422, r.text
     assert "single-label model" in r.json()["detail"]
+
+
+@pytest.mark.serve
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_the_page_shows_a_multi_label_models_label_set(env, playwright, tmp_path):
+    """In chromium: the page says the model is multi-label, and an uploaded image's bars and its labels
+    at the checkpoint's thresholds are the ones /predict answers."""
+    from playwright.sync_api import expect
+
+    answers = {f: _post(env, "/predict", [f], {"top_k": "5"}).json() for f in env["files"]}
+    # An image with at least one label over its threshold, so the list shows real entries (else "none").
+    image = next((f for f, a in answers.items() if a["labels"]), env["files"][0])
+    api = answers[image]
+    browser = launch_chromium(playwright)
+    try:
+        page = browser.new_page(viewport={"width": 1000, "height": 800})
+        errors = watch_errors(page)
+        page.goto(env["url"] + "/")
+        enter_token(page, TOKEN)
+        expect(page.locator("#model-info")).to_contain_text(f"multi-label, {ML_CLASSES} classes")
+        page.set_input_files("#file", image)
+        expect(page.locator("#bars .bar")).to_have_count(len(api["top_k_predictions"]))
+        assert page.locator("#bars .bar-label").all_inner_texts() == [p["class_name"] for p in api["top_k_predictions"]]
+        expect(page.locator("#labels")).to_be_visible()
+        want = [f"{lab['class_name']} ({100 * lab['confidence']:.1f} %)" for lab in api["labels"]] or ["none"]
+        expect(page.locator("#label-list li")).to_have_text(want)
+        page.screenshot(path=str(tmp_path / "page-multi-label.png"), full_page=True)
+        assert (tmp_path / "page-multi-label.png").stat().st_size > 10_000
+    finally:
+        browser.close()
+    assert errors == []

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.helpers_browser import enter_token, launch_chromium, playwright, watch_errors  # noqa: F401 - fixture
 from tests.helpers_net import free_port
 from tests.helpers_ray import ray_head_process
 from tests.helpers_serve import raytimm_serve
@@ -26,9 +27,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.e2e, pytest.mark.s
 
 TOKEN = "training-api-test-token-0123"
 CLASSES = ["circle_red", "square_blue", "triangle_green"]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 LONG = 200  # epochs of the run that is stopped: it must still be running when the stop arrives
 
 
@@ -144,28 +142,6 @@ def test_the_training_api_needs_the_token_and_the_page_is_public(server, work):
 
 # ----------------------------------------------------------------------------- the page, in a real browser
 
-def _browser(playwright):
-    if not os.path.exists(CHROMIUM):
-        message = (f"the browser tests need Debian's chromium at {CHROMIUM}: apt-get install chromium "
-                   "(Playwright for Python drives it; its own browser download is not used)")
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-
-
-@pytest.fixture(scope="module")
-def playwright():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip("the browser tests need Playwright for Python: pip install playwright")
-    with sync_playwright() as p:
-        yield p
-
-
 @pytest.mark.timeout(1500)
 def test_page_tries_the_model_and_watches_runs(server, started, work, playwright, tmp_path):
     from playwright.sync_api import expect
@@ -177,17 +153,12 @@ def test_page_tries_the_model_and_watches_runs(server, started, work, playwright
     image.write_bytes(png_bytes(color_image("red")))
     api = s.post(f"{url}/predict", files={"file": ("red.png", image.read_bytes(), "image/png")},
                  data={"top_k": "5"}, timeout=60).json()
-    browser = _browser(playwright)
-    errors = []
+    browser = launch_chromium(playwright)
     try:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+        errors = watch_errors(page)
         page.goto(url + "/")
-        # The server has a token: the page asks for it before any API call.
-        expect(page.locator("#token-panel")).to_be_visible()
-        page.fill("#token", TOKEN)
-        page.click("#token-form button[type=submit]")
+        enter_token(page, TOKEN)  # the server has a token: the page asks for it before any API call
         expect(page.locator("#model-name")).to_have_text("model: test_resnet")
         expect(page.locator("#class-list li")).to_have_text(["blue", "green", "red"])
 

@@ -99,6 +99,40 @@ def test_every_trial_checkpoints_under_the_tune_folder(sweep):
         assert progress["best_checkpoint"] == t.checkpoint and progress["finished_at"]
 
 
+class TrainController:
+    """Named like Ray Train's controller: the kind of actor the sweep waits for before settling trial folders."""
+
+    def write_later(self, path: str, delay_s: float) -> None:
+        import ray
+
+        time.sleep(delay_s)
+        Path(path).write_text("late write")
+        ray.actor.exit_actor()
+
+
+class Bystander:
+    def ping(self) -> int:
+        return 1
+
+
+def test_trial_folders_are_settled_only_after_the_trials_writers_exit(ray_cluster, tmp_path):
+    """A stopped trial's controller can still write its folder after Tune returns (the flake this
+    fixes: progress.json back at "running"); the sweep waits for such actors, not for others."""
+    import ray
+
+    from raytimm.ray_tune import _wait_for_trial_writers
+
+    writer = ray.remote(num_cpus=0)(TrainController).remote()
+    bystander = ray.remote(num_cpus=0)(Bystander).remote()
+    assert ray.get(bystander.ping.remote()) == 1
+    late = tmp_path / "late.txt"
+    writer.write_later.remote(str(late), 3.0)
+    _wait_for_trial_writers(timeout_s=300)
+    assert late.read_text() == "late write"  # the wait outlasted the writer's last write
+    assert ray.get(bystander.ping.remote()) == 1  # and did not wait for (or touch) unrelated actors
+    ray.kill(bystander)
+
+
 def test_trials_csv_table_and_best_pointer(sweep):
     from raytimm.checkpoint import read_pointer_info, resolve_checkpoint
 
