@@ -309,6 +309,8 @@ def preflight(cfg: Config) -> None:
         target = manifest_folder(cfg.data.path)[0] if manifest else cfg.data.path
         storage.preflight(target, want="dataset")
         return
+    if not os.path.exists(cfg.data.path):
+        raise RaytimmError(f"data.path {cfg.data.path!r} does not exist")
     if not (os.path.isfile if manifest else os.path.isdir)(cfg.data.path):
         raise RaytimmError(f"data.path {cfg.data.path!r} is not a {'file' if manifest else 'folder'}")
     # The workers' own call then finds this DICE conversion in the cache.

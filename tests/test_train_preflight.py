@@ -34,5 +34,8 @@ def test_preflight_names_the_bad_key(tmp_path):
     data = make_demo_dataset(str(tmp_path / "data"), classes=3, per_class=4, size=16, seed=0)
     with pytest.raises(RaytimmError, match=r"model.num_classes=5 but .* has 3 classes"):
         preflight(_cfg(data, tmp_path, "model.num_classes=5"))
-    with pytest.raises(RaytimmError, match=r"data.path '.*missing' is not a folder"):
+    with pytest.raises(RaytimmError, match=r"data.path '.*missing' does not exist"):
         preflight(_cfg(tmp_path / "missing", tmp_path))
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(RaytimmError, match=r"data.path '.*a-file' is not a folder"):
+        preflight(_cfg(tmp_path / "a-file", tmp_path))

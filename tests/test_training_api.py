@@ -278,9 +278,42 @@ def test_stop_keeps_checkpoints_and_a_new_start_resumes_the_run(server, started,
     # Resumed, not retrained: the epochs before the stop are the very same entries (throughput included).
     assert resumed["history"][:stopped["epoch"]] == stopped["history"]
     assert resumed["attempts"] == 2
+    # While it runs: the same request again answers this job; another request for the id is a conflict.
+    same = s.post(f"{url}/training/start", json=request(work, "stop-me", epochs=LONG), timeout=120)
+    assert same.status_code == 200 and same.json()["ray_job_id"] == second, same.text
+    other = s.post(f"{url}/training/start", json=request(work, "stop-me", epochs=LONG + 1), timeout=120)
+    assert other.status_code == 409, other.text
+    assert "training job 'stop-me' is running with another request; stop it first" in other.json()["detail"]
     r = s.post(f"{url}/training/stop-me/stop", timeout=120)
     assert r.status_code == 200 and r.json()["stopped"] is True, r.text
     wait_for(server, "stop-me", lambda st: st["state"] == "STOPPED", timeout_s=180, what="stopping again")
+
+
+@pytest.mark.timeout(1200)
+def test_a_failed_run_says_why_and_a_new_start_runs_it_again(server, started, work):
+    """FAILED with the run's own error line in `message`; after the cause is fixed, the same start succeeds
+    as a second attempt of the same run."""
+    from raytimm.data.demo import make_demo_dataset
+
+    url, s = server
+    data = work / "data" / "later"  # under --allow-data, so the request passes; not there yet, so the run fails
+    req = request(work, "fails-first", dataset_path=str(data))
+    r = s.post(f"{url}/training/start", json=req, timeout=120)
+    assert r.status_code == 200, r.text
+    first = r.json()["ray_job_id"]
+    failed = wait_for(server, "fails-first", lambda st: st["state"] == "FAILED", what="failing")
+    assert "does not exist" in failed["message"] and str(data) in failed["message"], failed["message"]
+    assert "\n" not in failed["message"] and failed["finished_at"] and failed["progress"] < 1.0
+
+    make_demo_dataset(str(data), classes=3, per_class=12, size=32, seed=1)
+    r = s.post(f"{url}/training/start", json=req, timeout=120)
+    assert r.status_code == 200, r.text
+    second = r.json()["ray_job_id"]
+    assert second != first and r.json()["run_name"] == "job_fails-first"
+    done = wait_for(server, "fails-first", lambda st: st["ray_job_id"] == second and st["state"] == "SUCCEEDED",
+                    what="succeeding on the second attempt")
+    assert done["attempts"] == 2 and done["message"] is None
+    assert [h["epoch"] for h in done["history"]] == [1, 2] and done["progress"] == 1.0
 
 
 def test_jobs_are_listed_newest_first_from_the_registry(server, started):
