@@ -159,8 +159,18 @@ def test_train_config_and_request_read_from_a_bucket(s3_env, data, tmp_path):
         load_config(s3_env.uri("missing.yaml"))
 
 
-def test_registry_persists_records_and_lists_newest_first(tmp_path):
-    reg = jobs.JobRegistry(str(tmp_path / "runs"))
+@pytest.fixture(params=["local", pytest.param("bucket", marks=pytest.mark.s3)])
+def runs_storage(request, tmp_path):
+    """The API's runs storage: a local folder, or a prefix on the S3-compatible test server."""
+    if request.param == "local":
+        return str(tmp_path / "runs")
+    return request.getfixturevalue("s3_env").uri(f"runs-{tmp_path.name}")
+
+
+def test_registry_persists_records_and_lists_newest_first(runs_storage):
+    from raytimm import storage
+
+    reg = jobs.JobRegistry(runs_storage)
     assert reg.list() == [] and reg.read(1) is None
     first = reg.new_record({"training_job_id": 1, "project_id": 1})
     first["created_at"] = "2026-01-01T00:00:00+00:00"
@@ -171,14 +181,14 @@ def test_registry_persists_records_and_lists_newest_first(tmp_path):
     jobs.add_attempt(second, ray_job_id="raytimm-job_b-2-1", config_uri=None, epochs=3)  # the same attempt again
     assert len(second["attempts"]) == 1
     # A new registry over the same storage (a restarted server, another replica) knows both.
-    again = jobs.JobRegistry(str(tmp_path / "runs"))
+    again = jobs.JobRegistry(runs_storage)
     assert [r["training_job_id"] for r in again.list()] == ["b-2", 1]
-    assert again.read("1")["run_dir"] == str(tmp_path / "runs" / "job_1")
+    assert again.read("1")["run_dir"] == storage.join(runs_storage, "job_1")
     assert again.read(1)["attempts"][0]["ray_job_id"] == "raytimm-job_1-1"
     assert jobs.start_answer(again.read(1)) == {"status": "success", "training_job_id": 1,
                                                 "ray_job_id": "raytimm-job_1-1", "run_name": "job_1"}
     assert reg.new_config_uri() != reg.new_config_uri()
-    assert reg.new_config_uri().startswith(str(tmp_path / "runs" / ".training-api" / "configs") + "/")
+    assert reg.new_config_uri().startswith(storage.join(runs_storage, ".training-api", "configs") + "/")
 
 
 def _record(tmp_path):
