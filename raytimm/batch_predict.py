@@ -20,7 +20,6 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import numpy as np
 
@@ -52,7 +51,8 @@ def list_inputs(input_uri: str) -> list[tuple[str, str, int]]:
     if not found:
         raise DataError(f"--input {input_uri}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this "
                         f"{'prefix' if parsed.remote else 'folder'} or below")
-    return [(storage.join(input_uri, f.key), storage.join(input_uri, f.key), int(f.size)) for f in found]
+    uris = [storage.join(input_uri, f.key) for f in found]
+    return [(uri, uri, int(f.size)) for uri, f in zip(uris, found)]
 
 
 def _read_list(input_uri: str, parsed: storage.StorageURI) -> list[tuple[str, str, int]]:
@@ -176,7 +176,7 @@ class ModelActor:
     """Ray Data actor: one Predictor per actor; forwards the decoded rows, passes error rows through."""
 
     def __init__(self, checkpoint: str, *, backend: str, top_k: int, device: str, num_threads: int,
-                 model_name: str | None, num_classes: int | None, class_names: Sequence[str] | None):
+                 model_name: str | None, num_classes: int | None):
         import torch
 
         from raytimm.logs import worker_logging_setup
@@ -187,8 +187,6 @@ class ModelActor:
             torch.set_num_threads(num_threads)
         self.predictor = Predictor.from_checkpoint(checkpoint, model_name=model_name, num_classes=num_classes,
                                                    device=device, backend=backend, num_threads=num_threads)
-        if class_names:  # a legacy .pt has no names of its own
-            self.predictor.class_names = list(class_names)
         self.top_k = top_k
 
     def __call__(self, batch: dict):
@@ -202,7 +200,7 @@ class ModelActor:
             tensor = torch.from_numpy(np.ascontiguousarray(batch["image"][ok]))
             for i, res in zip(np.flatnonzero(ok), self.predictor.predict_tensor_batch(tensor, self.top_k)):
                 results[i] = res
-        top = [[p for p in r["top_k_predictions"]] if r else None for r in results]
+        top = [r["top_k_predictions"] if r else None for r in results]
         return pa.table({
             "index": pa.array(batch["index"], pa.int64()),
             "path": pa.array([str(p) for p in batch["path"]], pa.string()),
@@ -249,7 +247,7 @@ def predict_to_output(checkpoint: str, input_uri: str, output_uri: str, *, fmt: 
                       cpus_per_actor: float = 1.0, decode_cpus: float = 1.0,
                       shard_size: int = out.DEFAULT_SHARD_SIZE, backend: str = "torch",
                       model_name: str | None = None, num_classes: int | None = None,
-                      class_names: Sequence[str] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                      max_pixels: int | None = DEFAULT_MAX_PIXELS,
                       max_file_mb: float = DEFAULT_MAX_FILE_MB) -> dict:
     """Predict every input image and write part files under output_uri; returns the run's summary."""
     from raytimm.predict import check_backend
@@ -279,9 +277,6 @@ def predict_to_output(checkpoint: str, input_uri: str, output_uri: str, *, fmt: 
         return summary
     storage.preflight(output_uri, want="write")  # a wrong bucket or folder fails now, not after the first shard
     pred = _driver_predictor(checkpoint, backend=backend, model_name=model_name, num_classes=num_classes)
-    names = list(class_names) if class_names else None
-    if names and len(names) != pred.num_classes:
-        raise ConfigError(f"{len(names)} class names given for a model with {pred.num_classes} classes")
     if backend == "torch" and pred.source:
         # Every actor loads the checkpoint the driver resolved, even if a run's `best` pointer moves meanwhile.
         checkpoint = summary["checkpoint"] = pred.source
@@ -291,8 +286,7 @@ def predict_to_output(checkpoint: str, input_uri: str, output_uri: str, *, fmt: 
                                data_config=pred.data_config, checkpoint=checkpoint, backend=backend, top_k=top_k,
                                batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus,
                                cpus_per_actor=cpus_per_actor, decode_cpus=decode_cpus, model_name=model_name,
-                               num_classes=num_classes,
-                               class_names=names, max_pixels=max_pixels, max_bytes=int(max_file_mb * 1e6))
+                               num_classes=num_classes, max_pixels=max_pixels, max_bytes=int(max_file_mb * 1e6))
     finally:
         if started:
             import ray
@@ -306,7 +300,6 @@ def predict_to_output(checkpoint: str, input_uri: str, output_uri: str, *, fmt: 
 def _run_pipeline(todo: list[out.Shard], entries: list[tuple[str, str, int]], output_uri: str, *, fmt: str,
                   shard_size: int, data_config: dict, checkpoint: str, backend: str, top_k: int, batch_size: int,
                   concurrency, num_gpus: float, cpus_per_actor: float, decode_cpus: float, model_name, num_classes,
-                  class_names,
                   max_pixels, max_bytes: int) -> dict:
     """Build and drain the Dataset, committing each shard's part file as soon as its last row arrives."""
     import ray
@@ -328,8 +321,7 @@ def _run_pipeline(todo: list[out.Shard], entries: list[tuple[str, str, int]], ou
                         num_gpus=num_gpus or None, num_cpus=cpus_per_actor, runtime_env=runtime_env,
                         fn_constructor_kwargs=dict(checkpoint=checkpoint, backend=backend, top_k=top_k,
                                                    device=device, num_threads=max(1, math.ceil(cpus_per_actor)),
-                                                   model_name=model_name, num_classes=num_classes,
-                                                   class_names=class_names))
+                                                   model_name=model_name, num_classes=num_classes))
     by_index = {s.index: s for s in todo}
     buffers: dict[int, list[dict]] = {}
     predicted = errors = 0

@@ -280,7 +280,10 @@ def _add_legacy_pt_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model-name", help="timm model name (legacy .pt checkpoints only)")
     s.add_argument("--num-classes", type=int, help="number of classes (legacy .pt checkpoints only)")
 
+
 def build_parser() -> argparse.ArgumentParser:
+    from raytimm import predict_output as out  # predict's formats and shard size (stdlib + storage only)
+
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
         prog="raytimm", formatter_class=fmt,
@@ -408,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"({' '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}), or a .txt file listing one path "
                         "or URI a line (relative paths are relative to the list file)")
     s.add_argument("--output", required=True, metavar="DIR|URI", help="folder or bucket prefix for the part files")
-    s.add_argument("--format", choices=["parquet", "csv", "jsonl"], default="parquet",
+    s.add_argument("--format", choices=out.FORMATS, default="parquet",
                    help="output format (default parquet; csv holds the top-k lists as JSON arrays)")
     s.add_argument("--top-k", type=int, default=5, help="classes per row in top_k_* (default 5)")
     s.add_argument("--batch-size", type=int, default=64, help="images per decode task batch and model call (default 64)")
@@ -423,13 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode-cpus", type=float, default=1.0,
                    help="CPUs reserved by each read+decode task (default 1); a fraction lets decoding share "
                         "cores with CPU model actors, e.g. --cpus-per-actor 1.5 --decode-cpus 0.5 on 2 cores")
-    s.add_argument("--shard-size", type=int, default=1000,
-                   help="images per output part file, the unit of resuming (default 1000)")
+    s.add_argument("--shard-size", type=int, default=out.DEFAULT_SHARD_SIZE,
+                   help="images per output part file, the unit of resuming (default %(default)s)")
     s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="inference backend (default torch); onnx exports the checkpoint once into each node's "
                         "cache unless it is an export folder already (needs raytimm[onnx])")
     s.add_argument("--max-file-mb", type=float, default=100.0,
-                   help="files larger than this become error rows without being read (default 100)")
+                   help="files larger than this become error rows (default 100); a folder's or prefix's files "
+                        "are refused without being read, a list's bucket URIs once downloaded (their size is "
+                        "not listed)")
     s.add_argument("--result-json", help="write the counts, output URI and images/s here")
     _add_legacy_pt_args(s)
     s.set_defaults(func=cmd_predict)

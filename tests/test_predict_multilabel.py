@@ -159,7 +159,7 @@ def test_batch_predict_stages_write_the_predictors_label_sets(ml):
              "size": np.asarray([os.path.getsize(u) if os.path.exists(u) else 0 for u in uris])}
     decoded = decode_batch(batch, data_config=pred.data_config, max_pixels=None, max_bytes=1 << 20)
     actor = ModelActor(ml["run"], backend="torch", top_k=2, device="cpu", num_threads=1, model_name=None,
-                       num_classes=None, class_names=None)
+                       num_classes=None)
     table = actor(decoded).to_pylist()
     expected = pred.predict(ml["files"], top_k=2)
     assert [r["labels"] for r in table[:-1]] == [[p["class_name"] for p in e["labels"]] for e in expected]
