@@ -101,13 +101,13 @@ def _use_gpu(cfg: Config, cluster: Mapping[str, float]) -> bool:
 def _open_parent_run(cfg: Config, tune_name: str, tune_dir: str, tracking_uri: str, dims: Sequence[Dimension]):
     """The sweep's MLflow parent run; the same sweep name continues the same run."""
     from raytimm.config import dump_yaml, flatten_config
-    from raytimm.tracking import find_run, make_logger, scrub_secrets
+    from raytimm.tracking import make_logger, scrub_secrets
 
     if not cfg.mlflow.enabled:
         return None
-    run_id = find_run(tracking_uri, cfg.mlflow.experiment, tune_name, timeout_s=cfg.mlflow.timeout_s)
     logger = make_logger(enabled=True, tracking_uri=tracking_uri, experiment=cfg.mlflow.experiment,
-                         run_name=tune_name, run_id=run_id, timeout_s=cfg.mlflow.timeout_s,
+                         run_name=tune_name, resume_by_name=True, timeout_s=cfg.mlflow.timeout_s,
+                         cooldown_s=cfg.mlflow.retry_after_s,
                          tags={"raytimm.kind": "tune", "raytimm.run_dir": tune_dir})
     if not logger.run_id:
         return None
@@ -166,8 +166,8 @@ def tune(cfg: Config) -> TuneResult:
             parent.finish("FAILED")
         raise RaytimmError(f"sweep {tune_name!r} failed: {type(e).__name__}: {e}") from None
 
+    _wait_for_trial_writers()  # before reading the trial folders: a stopped trial's controller may still write
     result = summarize(grid, cfg, dims, tune_dir, parent.run_id if parent else None)
-    _wait_for_trial_writers()
     publish(result, cfg, dims, tune_dir)
     if parent is not None:
         _finish_mlflow(parent, result, cfg, dims, tracking_uri)
@@ -186,7 +186,7 @@ def tune(cfg: Config) -> TuneResult:
 _TRIAL_WRITERS = ("ImplicitFunc", "TrainController")
 
 
-def _wait_for_trial_writers(timeout_s: float = 60.0) -> None:
+def _wait_for_trial_writers(timeout_s: float = 60.0) -> list[str]:
     """Wait until this sweep's trial drivers and Ray Train controllers have exited.
 
     ASHA stops a trial by ending its driver; the controller the driver owns is only killed after it
@@ -194,7 +194,8 @@ def _wait_for_trial_writers(timeout_s: float = 60.0) -> None:
     write the trial's progress.json and pointers for a report that was in flight. Had ``publish``
     settled the trial folders first, that late write would turn ``stopped_early`` back into
     ``running``. The actors are read from the State API that ``raytimm tune`` keeps on (the
-    dashboard); where it cannot answer, the folders are settled without waiting.
+    dashboard); where it cannot answer, the folders are settled without waiting. Returns the class
+    names of the writers still alive when it gave up (empty: all exited, or nothing to ask).
     """
     import time
 
@@ -211,14 +212,14 @@ def _wait_for_trial_writers(timeout_s: float = 60.0) -> None:
             actors = list_actors(address=address, filters=filters, timeout=10, raise_on_missing_output=False)
         except Exception as e:  # noqa: BLE001 - no State API here: settle without waiting
             log.debug("cannot list the trials' actors (%s); settling the trial folders now", e)
-            return
-        alive = [a for a in actors if a.class_name in _TRIAL_WRITERS]
+            return []
+        alive = sorted(a.class_name for a in actors if a.class_name in _TRIAL_WRITERS)
         if not alive:
-            return
+            return []
         if time.monotonic() > deadline:
             log.warning("%d trial actor(s) still alive after %.0f s (%s); settling the trial folders anyway",
-                        len(alive), timeout_s, ", ".join(sorted({a.class_name for a in alive})))
-            return
+                        len(alive), timeout_s, ", ".join(sorted(set(alive))))
+            return alive
         time.sleep(0.5)
 
 
@@ -265,14 +266,13 @@ def _close_child(t: TrialSummary, cfg: Config, tracking_uri: str) -> None:
         return
     child = make_logger(enabled=True, tracking_uri=tracking_uri, experiment=cfg.mlflow.experiment,
                         run_name=None, run_id=run_id, timeout_s=cfg.mlflow.timeout_s,
+                        cooldown_s=cfg.mlflow.retry_after_s,
                         tags={"raytimm.tune_status": t.status, "raytimm.trial_id": t.trial_id,
                               "raytimm.best_checkpoint": t.checkpoint or ""})
     # The swept values again: a driver stopped early (or whose sends timed out) may never have sent its
     # params, and they are what a user compares trials by. Values already on the server are not resent.
     child.log_params(t.config)
-    for row in t.history:
-        if "epoch" in row:
-            child.log_metrics(row, step=int(row["epoch"]))
+    child.backfill(t.history)  # only the epochs the server does not hold yet
     child.finish({"completed": "FINISHED", "error": "FAILED"}.get(t.status, "KILLED"))
 
 
