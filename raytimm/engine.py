@@ -65,8 +65,6 @@ class FitResult:
     latest_checkpoint: Optional[str] = None
 
 
-
-
 # ------------------------------------------------------------------ small resolvers
 
 def resolve_amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:

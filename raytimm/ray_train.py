@@ -482,14 +482,18 @@ def training_error(run_name: str, error: BaseException, *, scheme: str = "file")
         if failed_storage is not None:
             return failed_storage
     if rank is None:
-        return RaytimmError(f"training run {run_name!r} failed: {type(cause).__name__}: {runs.error_line(cause)}")
-    return RaytimmError(f"training run {run_name!r} failed on worker rank {rank}: {type(cause).__name__}: "
-                        f"{runs.error_line(cause)} (see the worker log above)")
+        return RaytimmError(f"training run {run_name!r} failed: {_cause_line(cause)}")
+    return RaytimmError(f"training run {run_name!r} failed on worker rank {rank}: {_cause_line(cause)} "
+                        "(see the worker log above)")
 
 
 def _failure_line(error: BaseException) -> str:
     """What went wrong in one line: the first failed worker's own error, not Ray's multi-line wrapper."""
     _, cause = _first_failure(error)
+    return _cause_line(cause)
+
+
+def _cause_line(cause: BaseException) -> str:
     return f"{type(cause).__name__}: {runs.error_line(cause)}"
 
 

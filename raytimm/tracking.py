@@ -279,9 +279,22 @@ def _get_or_create_experiment(client, name: str, artifact_location: str | None) 
 class _MlflowSink:
     """The MLflow calls of one run (tracking_sender.Sink); only the sender's thread makes them."""
 
-    def __init__(self, client, run_id: str):
-        self.client = client
+    def __init__(self, tracking_uri: str, run_id: str | None):
+        self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self._client = None
+
+    @property
+    def client(self):
+        """The MlflowClient, made on first use: on the sender's thread, so importing mlflow and opening
+        the store never block the caller (a Ray Train controller), and failing is a sender failure."""
+        if self._client is None:
+            self._client = _client(self.tracking_uri)
+        return self._client
+
+    @client.setter
+    def client(self, value) -> None:
+        self._client = value
 
     def sync(self) -> tuple[dict[str, str], set[tuple[str, int]]]:
         run = self.client.get_run(self.run_id)
@@ -356,15 +369,13 @@ class MlflowLogger:
         self._finished = False
         self._staging: str | None = None
         self._run_id: str | None = run_id
-        self.experiment_id: str | None = None
-        self._sink = _MlflowSink(None, run_id)
+        self._sink = _MlflowSink(tracking_uri, run_id)
         self._sender = Sender(self._sink, where=redact_uri(tracking_uri), cooldown_s=cooldown_s,
                               describe=_error_summary)
         if not wait:
             if run_id is None:
                 raise ValueError("MlflowLogger(wait=False) attaches to an existing run: give run_id")
-            self._sink.client = _client(tracking_uri)
-            self._sender.start()
+            self._sender.start()  # the client is made by the sender's first call (a sync)
             return
         self._sender.start(lambda: self._open(run_name, run_id, parent_run_id, tags or {}, resume_by_name),
                            self._call_timeout_s)
@@ -377,16 +388,15 @@ class MlflowLogger:
             run_id = _find_run(client, self.experiment, run_name)
         if run_id is not None:
             run = client.get_run(run_id)
-            self.experiment_id = run.info.experiment_id
             if run.info.status != "RUNNING":
                 # A resumed run continues the same MLflow run, so it is running again.
                 client.update_run(run_id, status="RUNNING")
         else:
-            self.experiment_id = _get_or_create_experiment(
+            experiment_id = _get_or_create_experiment(
                 client, self.experiment, local_artifact_location(self.tracking_uri)
             )
             run_tags = {PARENT_RUN_TAG: parent_run_id} if parent_run_id else {}
-            run = client.create_run(self.experiment_id, run_name=run_name, tags=run_tags)
+            run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
             run_id = run.info.run_id
         self._sink.client, self._sink.run_id, self._run_id = client, run_id, run_id
         self._sender.mark_synced(*(self._sink.sync() if run.data.metrics or run.data.params else ({}, set())))

@@ -316,6 +316,11 @@ def test_resume_continues_same_run_without_duplicate_epochs(mlflow_server, caplo
     for epoch in (2, 3):
         resumed.log_metrics({"val/top1": 10.0 * epoch + 1}, step=epoch)
     resumed.finish()
+    # How `raytimm train` continues a run: found by its name in the same bounded open.
+    by_name = make_logger(enabled=True, tracking_uri=mlflow_server, experiment=EXPERIMENT, run_name="resumable",
+                          resume_by_name=True)
+    assert by_name.run_id == first.run_id
+    by_name.finish()
 
     client = mlflow.MlflowClient(mlflow_server)
     history = client.get_metric_history(run_id, "val/top1")
@@ -470,6 +475,9 @@ def test_backfill_rereads_the_server_and_adds_only_missing_epochs(mlflow_server)
         for epoch in (1, 3):
             controller.log_metrics({"val/top1": float(epoch)}, step=epoch)
         controller.close()
+        # The controller's epochs are on the server: what the backfill must not send again.
+        held = mlflow.MlflowClient(mlflow_server).get_metric_history(driver.run_id, "val/top1")
+        assert sorted(m.step for m in held) == [1, 3]
         proxy.delay_s = 1.0
         driver.set_tags({"raytimm.best_checkpoint": "x"})  # the sender is busy with this (slow) call...
         time.sleep(0.3)
