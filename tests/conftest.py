@@ -13,6 +13,7 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.mlflow_server",
     "tests.fixtures.outage",
+    "tests.fixtures.browser",
 ]
 
 

@@ -54,3 +54,39 @@ def raytimm_serve(args: list[str], *, port: int, cwd, env: Optional[dict] = None
             proc.wait(timeout=30)
         reader.join(timeout=10)
     assert proc.returncode in (0, -signal.SIGINT, 130), f"exit {proc.returncode}:\n" + "".join(lines)
+
+
+@contextlib.contextmanager
+def local_serve(*, env: Optional[dict] = None, **ray_kwargs) -> Iterator[str]:
+    """A local Ray + Serve on a free loopback port for a test module; yields the base URL.
+
+    ``env`` is set before Ray starts (its workers and replicas inherit it) and restored afterwards;
+    ``ray_kwargs`` override ``ray.init``'s (2 CPUs, no dashboard, quiet). Serve and Ray are shut down
+    at the end, also when the body fails.
+    """
+    import pytest
+    import ray
+    from ray import serve
+
+    from raytimm.serve.server import shutdown_server
+    from tests.helpers_net import free_port
+
+    port = free_port()
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in (env or {}).items():
+            mp.setenv(name, value)
+        ray.init(**{"num_cpus": 2, "include_dashboard": False, "logging_level": "WARNING", **ray_kwargs})
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            shutdown_server(stop_ray=True)
+
+
+def bearer_session(token: str):
+    """A requests.Session that sends ``Authorization: Bearer <token>``."""
+    import requests
+
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {token}"
+    return session

@@ -3,12 +3,12 @@ CI=true it fails, so CI cannot go green without running them."""
 import pytest
 from _pytest.outcomes import Failed, Skipped
 
-from tests import helpers_browser
+from tests.fixtures import browser
 
 
 @pytest.mark.parametrize("ci,outcome", [("true", Failed), ("", Skipped)])
 def test_a_missing_chromium_fails_under_ci_and_skips_elsewhere(monkeypatch, tmp_path, ci, outcome):
-    monkeypatch.setattr(helpers_browser, "CHROMIUM", str(tmp_path / "no-chromium"))
+    monkeypatch.setattr(browser, "CHROMIUM", str(tmp_path / "no-chromium"))
     monkeypatch.setenv("CI", ci)
     with pytest.raises(outcome, match="apt-get install chromium"):
-        helpers_browser.launch_chromium(playwright=None)
+        browser.launch_chromium(playwright=None)

@@ -20,13 +20,13 @@ from raytimm.serve.http import HTTPError, parse_top_k
 from raytimm.serve.ingress import Ingress
 from raytimm.serve.model import ModelServer
 from raytimm.serve.paths import check_checkpoint_path, normalize_prefix, storage_root
-from raytimm.serve.server import shutdown_server, wait_healthy
+from raytimm.serve.server import wait_healthy
 from raytimm.serve.settings import ServeArgs
 from raytimm.predict import Predictor
 from tests import helpers_images as hi
 from tests.test_predict import (CLASSES, MODEL, color_image, make_trained_checkpoint, png_bytes,
                                 save_upper_case_copy)
-from tests.helpers_net import free_port
+from tests.helpers_serve import bearer_session, local_serve
 
 
 TOKEN = "test-token-0123456789"
@@ -37,10 +37,8 @@ MAX_UPLOAD_MB = 2
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Checkpoints, a legacy .pt, pretrained weights, and a running app (shut down at the end)."""
-    import ray
     import safetensors.torch
     import timm
-    from ray import serve
 
     root = tmp_path_factory.mktemp("serve")
     runs = root / "runs"
@@ -67,25 +65,15 @@ def env(tmp_path_factory):
     outside = root / "outside"  # not allowed
     outside_ckpt = copy_of_ckpt1(outside / "runB")
 
-    port = free_port()
-    os.environ[API_TOKEN_ENV] = TOKEN
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve(env={API_TOKEN_ENV: TOKEN}) as url:
         args = ServeArgs(checkpoint=str(run1), num_cpus=0.5, ingress_num_cpus=0.1, max_models=3,
-                            max_upload_mb=MAX_UPLOAD_MB, allow=[str(extra)], weights_dir=str(weights),
-                            max_batch_size=8, batch_wait_ms=5)
+                         max_upload_mb=MAX_UPLOAD_MB, allow=[str(extra)], weights_dir=str(weights),
+                         max_batch_size=8, batch_wait_ms=5)
         deploy(args)
-        url = f"http://127.0.0.1:{port}"
         wait_healthy(url, timeout_s=180)
-        session = requests.Session()
-        session.headers["Authorization"] = f"Bearer {TOKEN}"
-        yield {"url": url, "s": session, "args": args, "run1": str(run1), "ckpt1": ckpt1, "ckpt2": ckpt2,
-               "legacy": str(legacy), "weights": str(weights), "extra_ckpt": extra_ckpt, "outside": str(outside),
-               "outside_ckpt": outside_ckpt, "runs": str(runs), "root": root}
-    finally:
-        os.environ.pop(API_TOKEN_ENV, None)
-        shutdown_server(stop_ray=True)
+        yield {"url": url, "s": bearer_session(TOKEN), "args": args, "run1": str(run1), "ckpt1": ckpt1,
+               "ckpt2": ckpt2, "legacy": str(legacy), "weights": str(weights), "extra_ckpt": extra_ckpt,
+               "outside": str(outside), "outside_ckpt": outside_ckpt, "runs": str(runs), "root": root}
 
 
 def _file(name="x.png", data=None, ctype="image/png"):

@@ -19,7 +19,7 @@ from raytimm.serve.http import HTTPError
 from raytimm.serve.pretrained import (SHIPPED_TARGETS, check_model_size, check_pretrained_request, is_allowed,
                                       param_count)
 from raytimm.serve.settings import ServeArgs
-from tests.helpers_net import free_port
+from tests.helpers_serve import bearer_session, local_serve
 from tests.test_predict import MODEL, color_image, make_trained_checkpoint, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,15 +139,13 @@ def test_joined_cluster_only_warns():
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A served checkpoint, weights for the test model and (never read) for convnext_xxlarge; default allow list."""
-    import ray
     import safetensors.torch
     import timm
     import torch
-    from ray import serve
 
     from raytimm.envvars import API_TOKEN_ENV
     from raytimm.serve.app import deploy
-    from raytimm.serve.server import shutdown_server, wait_healthy
+    from raytimm.serve.server import wait_healthy
 
     root = tmp_path_factory.mktemp("guard")
     make_trained_checkpoint(root / "runs" / "run1", steps=1)  # what it predicts does not matter here
@@ -157,21 +155,11 @@ def env(tmp_path_factory):
     safetensors.torch.save_file(timm.create_model(MODEL, pretrained=False).state_dict(),
                                 str(weights / f"{MODEL}.safetensors"))
     (weights / "convnext_xxlarge.safetensors").write_bytes(b"not weights: the size check refuses it first")
-    port = free_port()
-    os.environ[API_TOKEN_ENV] = TOKEN
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve(env={API_TOKEN_ENV: TOKEN}, address="local") as url:
         deploy(ServeArgs(checkpoint=str(root / "runs" / "run1"), num_cpus=0.5, ingress_num_cpus=0.1,
                          weights_dir=str(weights), max_models=2, max_upload_mb=2))
-        url = f"http://127.0.0.1:{port}"
         wait_healthy(url, timeout_s=240)
-        session = requests.Session()
-        session.headers["Authorization"] = f"Bearer {TOKEN}"
-        yield {"url": url, "s": session, "weights": str(weights), "run": str(root / "runs" / "run1")}
-    finally:
-        os.environ.pop(API_TOKEN_ENV, None)
-        shutdown_server(stop_ray=True)
+        yield {"url": url, "s": bearer_session(TOKEN), "weights": str(weights), "run": str(root / "runs" / "run1")}
 
 
 def _quick(env, data, session=None):

@@ -5,16 +5,15 @@ instance for the module, shut down at the end."""
 import os
 
 import pytest
-import requests
 
 from raytimm import checkpoint as ckpt
 from raytimm.envvars import API_TOKEN_ENV
 from raytimm.predict import MULTI_LABEL_TASK_TYPE, Predictor
 from raytimm.serve.app import deploy
-from raytimm.serve.server import shutdown_server, wait_healthy
+from raytimm.serve.server import wait_healthy
 from raytimm.serve.settings import ServeArgs
-from tests.helpers_browser import enter_token, launch_chromium, playwright, watch_errors  # noqa: F401 - fixture
-from tests.helpers_net import free_port
+from tests.fixtures.browser import enter_token, launch_chromium, watch_errors
+from tests.helpers_serve import bearer_session, local_serve
 from tests.test_predict import color_image, make_trained_checkpoint, png_bytes
 from tests.test_predict_multilabel import ML_CLASSES, make_multilabel_run
 
@@ -23,31 +22,18 @@ TOKEN = "test-token-multilabel-0123"
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    import ray
-    from ray import serve
-
     from raytimm.data.manifest import read_manifest
 
     root = tmp_path_factory.mktemp("serve_ml")
     run, csv_path = make_multilabel_run(root, epochs=1)
     single = make_trained_checkpoint(root / "runs" / "single")  # a single-label model under the allowed prefix
     files = [e[0] for e in read_manifest(csv_path, multi_label=True)[0]][:4]
-    port = free_port()
-    os.environ[API_TOKEN_ENV] = TOKEN
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve(env={API_TOKEN_ENV: TOKEN}) as url:
         deploy(ServeArgs(checkpoint=run, num_cpus=0.5, ingress_num_cpus=0.1, max_models=2,
                          allow=[str(root / "runs")], max_batch_size=8, batch_wait_ms=5))
-        url = f"http://127.0.0.1:{port}"
         wait_healthy(url, timeout_s=180)
-        session = requests.Session()
-        session.headers["Authorization"] = f"Bearer {TOKEN}"
-        yield {"url": url, "s": session, "run": run, "single": single, "files": files,
+        yield {"url": url, "s": bearer_session(TOKEN), "run": run, "single": single, "files": files,
                "local": Predictor.from_checkpoint(run, device="cpu")}
-    finally:
-        os.environ.pop(API_TOKEN_ENV, None)
-        shutdown_server(stop_ray=True)
 
 
 def _post(env, path, files, data=None):

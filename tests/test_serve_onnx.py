@@ -4,18 +4,18 @@ Both apps serve the same trained colour checkpoint (tests/test_predict.py), so e
 ONNX Runtime app can be compared with the eager-PyTorch app's answer to the same request.
 """
 import concurrent.futures as cf
-import os
 import sys
 import time
 
 import pytest
 import requests
 
+from raytimm.envvars import CACHE_DIR_ENV
 from raytimm.errors import ConfigError
 from raytimm.serve.app import build_app, check_backend_installed
-from raytimm.serve.server import shutdown_server, wait_healthy
+from raytimm.serve.server import wait_healthy
 from raytimm.serve.settings import QUIET_LOGGING, ServeArgs, settings_from_cli
-from tests.helpers_net import free_port
+from tests.helpers_serve import local_serve
 from tests.test_predict import CLASSES, color_image, make_trained_checkpoint, png_bytes, save_upper_case_copy
 
 ROUTES = {"torch": "/torch", "onnx": "/onnx"}
@@ -32,8 +32,6 @@ def _deploy(*apps: tuple) -> None:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A trained checkpoint, a copy under upper-case names (a reload shows), both apps; the export the onnx app made."""
-    import ray
-    from ray import serve
 
     root = tmp_path_factory.mktemp("serve_onnx")
     runs = root / "runs"
@@ -41,16 +39,11 @@ def env(tmp_path_factory):
     ckpt1 = make_trained_checkpoint(run1)
     ckpt2 = save_upper_case_copy(ckpt1, str(runs / "run2" / "checkpoint_000002"))
     cache = root / "cache"
-    old_cache = os.environ.get("RAYTIMM_CACHE_DIR")
-    os.environ["RAYTIMM_CACHE_DIR"] = str(cache)  # the replicas' node cache (inherited by Ray)
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # The replicas' node cache, inherited by Ray.
+    with local_serve(env={CACHE_DIR_ENV: str(cache)}) as base:
         args = {b: ServeArgs(checkpoint=str(run1), backend=b, num_cpus=0.5, ingress_num_cpus=0.1, max_models=2,
                              max_batch_size=8, batch_wait_ms=5, allow=[str(cache)]) for b in ROUTES}
         _deploy(*((a, b) for b, a in args.items()))
-        base = f"http://127.0.0.1:{port}"
         for route in ROUTES.values():
             wait_healthy(base + route, timeout_s=180)
         # The onnx app exported ckpt1 into the node cache at start: that folder is an export like
@@ -59,12 +52,6 @@ def env(tmp_path_factory):
         assert len(exports) == 1, exports
         yield {"base": base, "args": args, "ckpt1": ckpt1, "ckpt2": ckpt2, "exported": str(exports[0]),
                "run1": str(run1)}
-    finally:
-        shutdown_server(stop_ray=True)
-        if old_cache is None:
-            os.environ.pop("RAYTIMM_CACHE_DIR", None)
-        else:
-            os.environ["RAYTIMM_CACHE_DIR"] = old_cache
 
 
 def _url(env, backend: str, path: str) -> str:

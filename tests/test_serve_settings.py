@@ -80,6 +80,15 @@ def test_bad_flag_names_the_flag():
         build_parser().parse_args(["serve", "--port", "eighty"])
 
 
+def test_backend_flag_offers_the_settings_choices(capsys):
+    assert _cli_settings("--checkpoint", "/x", "--backend", "onnx").backend == "onnx"
+    assert _cli_settings("--checkpoint", "/x").backend == "torch"
+    with pytest.raises(SystemExit):  # argparse refuses what the Literal does not allow, naming the choices
+        build_parser().parse_args(["serve", "--backend", "tensorflow"])
+    err = capsys.readouterr().err
+    assert "--backend: invalid choice: 'tensorflow'" in err and "torch" in err and "onnx" in err
+
+
 def test_config_keys_cover_every_serve_setting_but_the_token():
     keys = {k.split(".", 1)[1] for k in valid_keys() if k.startswith("serve.")}
     assert keys == set(ServeSettings.model_fields) - {"api_token"}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers_browser import enter_token, launch_chromium, playwright, watch_errors  # noqa: F401 - fixture
+from tests.fixtures.browser import enter_token, launch_chromium, watch_errors
 from tests.helpers_net import free_port
 from tests.helpers_ray import ray_head_process
 from tests.helpers_serve import raytimm_serve
