@@ -209,10 +209,9 @@ def train_section(s: dict, dry_run: bool, work: str) -> dict:
                  "steps_per_epoch": s["steps"], "epochs": s["epochs"], "device": str(device), "gpus": gpus,
                  "loader_workers": s["loader_workers"], "runs": {}}
     runs = out["runs"]
-    cfg = train_config(s, data, storage, "a", **single)
     # (a) and (b) read only `steps` batches per epoch: the data folder holds enough for (d)'s N workers.
-    cfg_ab = cfg if gpus <= 1 else train_config(s, _subset(data, s["steps"] * s["batch_size"], work), storage, "b",
-                                                 **single)
+    ab_data = data if gpus <= 1 else _subset(data, s["steps"] * s["batch_size"], work)
+    cfg_ab = train_config(s, ab_data, storage, "a", **single)  # each run's name is set by _named
     for key, label, run in (("a", "(a) plain timm loop, AMP + channels_last", lambda: plain_loop(cfg_ab, device)),
                             ("b", "(b) engine.fit, one process", lambda: fit(_named(cfg_ab, "b"), device=device)),
                             ("c", "(c) Ray Train, 1 worker", lambda: ray_train_rates(_named(cfg_ab, "c")))):

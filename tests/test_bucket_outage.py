@@ -185,7 +185,7 @@ def _epoch_lines(output: str) -> list[int]:
     return out
 
 
-def _run_train(e: Env, cmd: list[str], env: dict, timeout: int = 600) -> tuple[subprocess.CompletedProcess, float]:
+def _run_train(cmd: list[str], env: dict, timeout: int = 600) -> tuple[subprocess.CompletedProcess, float]:
     start = time.monotonic()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return r, time.monotonic() - start
@@ -201,13 +201,13 @@ def rode_out(env):
     e.proxy.cut_on(f"PUT /{e.bucket}/runs/{run}/checkpoint_000001/".encode(), OUTAGE_S)
     start = time.monotonic()
     with PointerWatch(e, run) as watch:
-        r, seconds = _run_train(e, e.train_cmd(run, epochs=2), e.cli_env())
+        r, seconds = _run_train(e.train_cmd(run, epochs=2), e.cli_env())
     report = os.environ.get("BENCH_OUTAGE_REPORT")
     if report:  # the benchmark's baseline: the same run, another name, no cut, same machine and Ray
         cut_at = e.proxy.cut_at
         with PointerWatch(e, "no-outage") as base_watch:
             base_start = time.monotonic()
-            base, base_s = _run_train(e, e.train_cmd("no-outage", epochs=2), e.cli_env())
+            base, base_s = _run_train(e.train_cmd("no-outage", epochs=2), e.cli_env())
         assert base.returncode == 0, (base.stdout + base.stderr)[-3000:]
         Path(report).write_text(json.dumps({
             "outage_s": OUTAGE_S, "with_outage_s": seconds, "without_s": base_s, "cuts": e.proxy.cuts,
@@ -290,7 +290,7 @@ def test_outage_longer_than_the_retries_fails_naming_the_uri_and_the_rerun_resum
     cli_env = e.cli_env(AWS_MAX_ATTEMPTS=SHORT_ATTEMPTS)
     e.proxy.cut_on(f"PUT /{e.bucket}/runs/{run}/checkpoint_000002/".encode(), None)
     try:
-        failed, _ = _run_train(e, cmd, cli_env)
+        failed, _ = _run_train(cmd, cli_env)
     finally:
         e.proxy.restore()
     out = failed.stdout + failed.stderr
@@ -311,7 +311,7 @@ def test_outage_longer_than_the_retries_fails_naming_the_uri_and_the_rerun_resum
         latest = e.client().get_object(Bucket=e.bucket, Key=f"runs/{run}/latest")["Body"].read()
         assert _pointer_target(e, run, latest) == f"runs/{run}/checkpoint_000001"
 
-    again, _ = _run_train(e, cmd, cli_env)  # the same command, once the bucket is back
+    again, _ = _run_train(cmd, cli_env)  # the same command, once the bucket is back
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-4000:]
     assert _epoch_lines(out) == [2], out[-4000:]  # resumed after epoch 1: epoch 1 is not trained again

@@ -1,7 +1,6 @@
 """CUDA-only checks (marker ``gpu``): AMP + channels_last training steps, GPU batching in the Predictor,
 and DDP over NCCL with two Ray Train workers. They skip without a GPU; benchmarks/gpu_check.sh runs them.
 """
-import os
 from pathlib import Path
 
 import pytest
@@ -59,7 +58,7 @@ def test_predictor_gpu_batching_matches_cpu(tmp_path):
 
 @needs_two
 @pytest.mark.ray
-def test_ddp_nccl_two_gpu_workers(tmp_path):
+def test_ddp_nccl_two_gpu_workers(tmp_path, monkeypatch):
     """Ray Train with two GPU workers (DDP over NCCL) trains two epochs and publishes a best checkpoint."""
     import ray
 
@@ -73,7 +72,7 @@ def test_ddp_nccl_two_gpu_workers(tmp_path):
         f"data.path={data}", "model.img_size=48", "train.epochs=2", "train.batch_size=8", "train.warmup_epochs=0",
         "scaling.num_workers=2", "scaling.use_gpu=true", "scaling.cpus_per_worker=1", "train.amp='bf16'",
         f"storage.path={tmp_path / 'runs'}", "run.name=ddp", "mlflow.enabled=false"])
-    os.environ.pop("RAY_ADDRESS", None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a Ray of its own, this test only
     ray_train.init_ray()
     try:
         result = ray_train.train(cfg)

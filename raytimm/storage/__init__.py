@@ -5,7 +5,7 @@ One module per job; the public API is re-exported here, so callers write ``stora
 - :mod:`~raytimm.storage.uri`: parse, normalise and join URIs; ``local_path`` strips ``file://``.
 - :mod:`~raytimm.storage.clients`: endpoint and region (**process settings**, set by ``configure``;
   see that module for why), boto3 and pyarrow clients with deliberate retries (``retry_budget`` shortens
-  them for a call someone waits on), errors -> StorageError.
+  boto3's for a call someone waits on; pyarrow's, used only by training, keep theirs), errors -> StorageError.
 - :mod:`~raytimm.storage.objects`: list, exists, read, write, delete.
 - :mod:`~raytimm.storage.transfer`: upload and download with fixed-size multipart parts (R2).
 - :mod:`~raytimm.storage.staging`: a bucket prefix mirrored into the node cache, kept current by ETag.

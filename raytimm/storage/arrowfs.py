@@ -40,7 +40,7 @@ def arrow_storage_error(exc: BaseException, scheme: str) -> StorageError | None:
     """A pyarrow S3 OSError (Ray Train writes its own files with pyarrow) as a one-line StorageError
     naming ``scheme://bucket/key``; None when ``exc`` is not one. Only the key, bucket, error code and
     operation are taken from pyarrow's text (it names the endpoint host, never credentials)."""
-    if not isinstance(exc, OSError) or isinstance(exc, StorageError):
+    if not isinstance(exc, OSError):  # a StorageError is no OSError: it never comes here
         return None
     text = str(exc)
     where = _ARROW_WHERE.search(text)
